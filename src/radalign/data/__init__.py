@@ -1,0 +1,1 @@
+"""The data layer: raw files -> records (manifest) -> samples (decoded, augmented, tokenised) -> batches."""

