@@ -59,7 +59,8 @@ def test_parquet_round_trip_keeps_everything(folder):
 
 
 def test_every_bad_row_is_named_with_its_reason(folder):
-    rows = good_rows() + [
+    rows = [
+        *good_rows(),
         {"id": "r1", "image": "img/c.dcm", "modality": "ct"},  # duplicate id
         {"id": "r4", "image": "img/missing.dcm", "modality": "ct"},  # missing file
         {"id": "r5", "image": "img/c.dcm", "modality": "ct", "label_edema": "2"},  # bad label
@@ -67,13 +68,15 @@ def test_every_bad_row_is_named_with_its_reason(folder):
         {"id": "r7", "image": "img/c.dcm", "modality": "ct", "report": "   "},  # empty report (required)
     ]
     manifest = load_manifest(write_csv(folder, rows), on_error="skip", require_report=True)
-    by_id = {p.record_id: p for p in manifest.problems}
+    by_id: dict[str, dict[str, object]] = {}
+    for p in manifest.problems:
+        by_id.setdefault(p.record_id, {})[p.kind] = p
     assert set(by_id) == {"r1", "r4", "r5", "r6", "r7"}
-    assert by_id["r1"].kind == "duplicate id" and by_id["r1"].row == 4
-    assert by_id["r4"].kind == "missing file" and "missing.dcm" in by_id["r4"].reason
-    assert by_id["r5"].kind == "bad label" and "'2'" in by_id["r5"].reason
-    assert by_id["r6"].kind == "bad value" and "holdout" in by_id["r6"].reason
-    assert by_id["r7"].kind == "empty report"
+    assert by_id["r1"]["duplicate id"].row == 4 and "row 2" in by_id["r1"]["duplicate id"].reason
+    assert "missing.dcm" in by_id["r4"]["missing file"].reason
+    assert "'2'" in by_id["r5"]["bad label"].reason
+    assert "holdout" in by_id["r6"]["bad value"].reason
+    assert "empty report" in by_id["r7"]
     assert [r.id for r in manifest.records] == ["r1", "r2"]
 
 

@@ -61,8 +61,7 @@ def build_transform(config: DataConfig, train: bool) -> Any:
         return transforms.build_volume_transform(
             config.volume_size, config.volume_spacing_mm, hu_window=config.hu_window, train=train
         )
-    image_fn = transforms.build_image_transform(config.preset, config.image_size, train=train, hflip=config.hflip)
-    return lambda tensor, spacing: image_fn(tensor)
+    return transforms.build_image_transform(config.preset, config.image_size, train=train, hflip=config.hflip)
 
 
 def build_sentence_augment(config: DataConfig) -> Any:

@@ -134,14 +134,9 @@ def _image_paths(value: Any, base: Path) -> tuple[Path, ...]:
 
 def read_report_file(path: Path) -> str:
     """A report text file as str; non-UTF-8 bytes are a DataError that says where and how to fix it."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"report file {path} is not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
-            f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
-        ) from err
+    from radalign.data.reports import decode_report_bytes
+
+    return decode_report_bytes(path.read_bytes(), source=f"report file {path}")
 
 
 def load_manifest(

@@ -101,6 +101,13 @@ def finding_key(name: str) -> str:
 
 def parse_label_value(value: Any, *, finding: str = "?", where: str = "") -> int | None:
     """One label cell -> 1 / 0 / -1, or None for missing (empty, NaN). Anything else is a DataError."""
+    original = value
+
+    def bad() -> DataError:
+        return DataError(
+            f"{where}label {finding!r} has value {original!r}; allowed: 1, 0, -1 (uncertain) or empty (missing)"
+        )
+
     if value is None:
         return None
     if isinstance(value, str):
@@ -113,21 +120,17 @@ def parse_label_value(value: Any, *, finding: str = "?", where: str = "") -> int
         try:
             value = float(text)
         except ValueError:
-            raise DataError(
-                f"{where}label {finding!r} has value {value!r}; allowed: 1, 0, -1 (uncertain) or empty (missing)"
-            ) from None
+            raise bad() from None
     if isinstance(value, bool):
         return int(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise DataError(f"{where}label {finding!r} has value {value!r}; allowed: 1, 0, -1 or empty") from None
+        raise bad() from None
     if math.isnan(number):
         return None
     if number not in LABEL_VALUES:
-        raise DataError(
-            f"{where}label {finding!r} has value {value!r}; allowed: 1, 0, -1 (uncertain) or empty (missing)"
-        )
+        raise bad()
     return int(number)
 
 
