@@ -76,12 +76,64 @@ def prepare(
         log.warning(f"  {key}: {reason}")
 
 
-def demo(out: Path = Path("demo_out"), n: int = 48) -> None:
-    """Run the demo: build a small dataset from real shipped assets, check it, cache it and load batches.
+def simulate(
+    *,
+    out: Path,
+    n: int = 200,
+    seed: int = 0,
+    size: int = 224,
+    with_3d: bool = False,
+    volume_spacing_mm: float = 3.0,
+    prevalences: dict[str, float] | None = None,
+    normal_fraction: float = 0.3,
+    image_format: Literal["png", "dicom"] = "png",
+    workers: int | None = None,
+    preview: bool = False,
+) -> None:
+    """Generate the simulated paired chest X-ray / CT / report dataset (docs/simulated-data.md).
 
     Args:
-        out: Folder for the demo's data and outputs.
-        n: Number of records to build.
+        out: Output folder; receives images/, masks/, regions/, volumes/ and manifest.csv.
+        n: Number of simulated patients.
+        seed: Random seed; the same seed and settings give identical files.
+        size: Radiograph side in pixels.
+        with_3d: Also write each patient's CT volume (NIfTI, HU) and 3D finding masks.
+        volume_spacing_mm: Isotropic voxel spacing of the written volumes.
+        prevalences: Per-finding prevalence in [0, 1], e.g. '{"nodule": 0.3, "pneumothorax": 0.1}'.
+        normal_fraction: Share of patients with no finding.
+        image_format: 'png' (16-bit) or 'dicom'.
+        workers: Worker processes (default: up to 4).
+        preview: Also write preview.png, a contact sheet of samples with findings outlined and reports.
+    """
+    from radalign.data.simulate.generate import SimulationConfig
+    from radalign.data.simulate.generate import simulate as run_simulation
+    from radalign.utils.logging import get_logger
+
+    config = SimulationConfig(
+        n=n,
+        seed=seed,
+        size=size,
+        with_3d=with_3d,
+        volume_spacing_mm=volume_spacing_mm,
+        prevalences=prevalences,
+        normal_fraction=normal_fraction,
+        image_format=image_format,
+        workers=workers,
+    )
+    manifest = run_simulation(config, out)
+    get_logger().info(f"wrote {manifest}")
+    if preview:
+        from radalign.data.simulate.preview import contact_sheet
+
+        get_logger().info(f"wrote {contact_sheet(out)}")
+
+
+def demo(out: Path = Path("demo_out"), n: int = 48) -> None:
+    """Run the demo: simulate a small dataset from the real chest CT, check it, cache it and stream batches.
+
+    Args:
+        out: Folder for the demo's data and outputs (reused on a second run).
+        n: Number of simulated patients.
     """
     from radalign.demo import run_demo
 
@@ -96,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {
         "data": {"check": data_check, "_help": "Dataset tools: validate and summarise manifests."},
         "prepare": prepare,
+        "simulate": simulate,
         "demo": demo,
     }
     if argv is None:
