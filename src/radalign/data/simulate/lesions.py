@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from radalign.data.simulate.anatomy import Anatomy
@@ -67,6 +69,16 @@ class Workspace:
             ("depth", lobe), lambda: ndimage.distance_transform_edt(self.lobe(lobe), sampling=self.anatomy.spacing)
         )
 
+    def centre(self, name: str) -> np.ndarray:
+        """Centre of mass (voxel coordinates) of a structure, a lobe, or 'lungs_left' / 'lungs_right'."""
+
+        def build() -> np.ndarray:
+            if name.startswith("lungs_"):
+                return np.array(ndimage.center_of_mass(self.lungs(name.removeprefix("lungs_"))))
+            return np.array(ndimage.center_of_mass(self.structure(name)))
+
+        return self._memo(("centre", name), build)
+
     def _memo(self, key: tuple, build: Callable[[], np.ndarray]) -> np.ndarray:
         if key not in self._cache:
             self._cache[key] = build()
@@ -85,8 +97,8 @@ def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma_vox: f
     factor = max(1, int(sigma_vox // 2))
     coarse = tuple(max(2, n // factor) for n in shape)
     noise = ndimage.gaussian_filter(rng.standard_normal(coarse), sigma=max(sigma_vox / factor, 0.5))
-    field_ = ndimage.zoom(noise, [n / c for n, c in zip(shape, coarse, strict=True)], order=1)
-    field_ = field_[tuple(slice(0, n) for n in shape)]
+    tensor = torch.from_numpy(noise.astype(np.float32))[None, None]
+    field_ = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
     return (field_ - field_.mean()) / (field_.std() + 1e-6)
 
 
@@ -136,43 +148,63 @@ def insert_atelectasis(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np.
 
 
 def insert_effusion(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np.random.Generator) -> np.ndarray:
-    """Dependent pleural fluid at the lung base(s), with a meniscus that rises towards the lateral chest wall."""
+    """Dependent pleural fluid at the lung base(s), with a meniscus that rises towards the lateral chest wall.
+
+    The fluid fraction falls off over a few millimetres above the meniscus, so the upper border is soft on the
+    radiograph as in a real effusion (and shows no slice staircase).
+    """
     sides = ("left", "right") if finding.side == "bilateral" else (finding.side,)
+    sz = ws.anatomy.spacing[2]
     x, _, z = ws.coords_mm
-    mask = np.zeros(hu.shape, dtype=bool)
+    levels = {}
     for side in sides:
-        lung = ws.lungs(side)
-        zs = np.flatnonzero(lung.any(axis=(0, 1))) * ws.anatomy.spacing[2]
-        xs = np.flatnonzero(lung.any(axis=(1, 2))) * ws.anatomy.spacing[0]
-        height = zs.max() - zs.min()
-        level = zs.min() + height * (0.12 + 0.3 * _grade(finding) + rng.uniform(-0.02, 0.03))
+        zs = np.flatnonzero(ws.lungs(side).any(axis=(0, 1))) * sz
+        levels[side] = zs.min() + np.ptp(zs) * (0.12 + 0.3 * _grade(finding) + rng.uniform(-0.02, 0.03))
+    # only the slab below the highest meniscus can hold fluid: work there (much less than the whole volume)
+    top = min(hu.shape[2], int(np.ceil((max(levels.values()) + 30.0 + 8.0) / sz)) + 1)
+    fraction = np.zeros((*hu.shape[:2], top), dtype=np.float32)
+    for side in sides:
+        lung = ws.lungs(side)[:, :, :top]
+        xs = np.flatnonzero(ws.lungs(side).any(axis=(1, 2))) * ws.anatomy.spacing[0]
         lateral_edge = xs.max() if side == "right" else xs.min()  # RAS: right = high X
-        lateralness = 1.0 - np.abs(x - lateral_edge) / max(xs.max() - xs.min(), 1.0)
-        meniscus = level + 25.0 * np.clip(lateralness, 0, 1) ** 2
-        mask |= lung & (z <= meniscus)
-    hu[mask] = FLUID_HU + rng.normal(0, 8, int(mask.sum()))
+        lateralness = 1.0 - np.abs(x - lateral_edge) / max(np.ptp(xs), 1.0)
+        meniscus = levels[side] + 30.0 * np.clip(lateralness, 0, 1) ** 3
+        fraction = np.maximum(fraction, lung * np.clip((meniscus - z[:, :, :top]) / 8.0 + 0.5, 0.0, 1.0))
+    slab = hu[:, :, :top]
+    touched = fraction > 0
+    weight = fraction[touched]
+    fluid = FLUID_HU + rng.normal(0, 8, weight.size).astype(np.float32)
+    slab[touched] = slab[touched] * (1 - weight) + fluid * weight
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[:, :, :top] = fraction >= 0.5
     return mask
 
 
 def insert_pneumothorax(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np.random.Generator) -> np.ndarray:
-    """Apical-lateral air without lung markings, bounded by the visible visceral pleural line."""
+    """Air between the chest wall and a lung collapsed towards its hilum, behind a thin visceral pleural line.
+
+    The collapsed lung is the lung shrunk about its hilum (laterally everywhere, downwards above the hilum), so
+    the pleural line runs parallel to the chest wall and is curved like a real one, widest at the apex.
+    """
     side = finding.side if finding.side in ("left", "right") else "right"
     lung = ws.lungs(side)
-    x, _, z = ws.coords_mm
-    zs = np.flatnonzero(lung.any(axis=(0, 1))) * ws.anatomy.spacing[2]
-    xs = np.flatnonzero(lung.any(axis=(1, 2))) * ws.anatomy.spacing[0]
     grade = _grade(finding)
-    apex_depth = (zs.max() - zs.min()) * (0.25 + 0.35 * grade)
-    rim = (xs.max() - xs.min()) * (0.15 + 0.25 * grade)
-    lateral_edge = xs.max() if side == "right" else xs.min()
-    from_wall = np.abs(x - lateral_edge)
-    apical = z >= zs.max() - apex_depth
-    # the collapsed lung retracts towards the hilum: air fills the apex and a lateral rim that thins downwards
-    rim_here = rim * np.clip((z - (zs.max() - 2.5 * apex_depth)) / (2.5 * apex_depth), 0, 1)
-    mask = lung & (apical | (from_wall <= rim_here))
-    edge = lung & ~mask & ndimage.binary_dilation(mask, iterations=1)
-    hu[mask] = AIR_HU
-    hu[edge] = np.maximum(hu[edge], 60.0)
+    centre = ws.centre(f"lungs_{side}")
+    hilum_x = centre[0] + (-0.25 if side == "right" else 0.25) * np.ptp(np.flatnonzero(lung.any(axis=(1, 2))))
+    hilum_z = centre[2]
+    shrink_x = 1.0 - (0.12 + 0.22 * grade) * rng.uniform(0.85, 1.15)
+    shrink_z = 1.0 - (0.15 + 0.25 * grade) * rng.uniform(0.85, 1.15)
+    x = np.arange(lung.shape[0])
+    z = np.arange(lung.shape[2])
+    px = np.clip(np.rint(hilum_x + (x - hilum_x) / shrink_x), 0, lung.shape[0] - 1).astype(int)
+    pz = np.where(z > hilum_z, hilum_z + (z - hilum_z) / shrink_z, z)
+    pz = np.clip(np.rint(pz), 0, lung.shape[2] - 1).astype(int)
+    collapsed = lung[np.ix_(px, np.arange(lung.shape[1]), pz)] & lung
+    mask = lung & ~collapsed
+    pleural_line = collapsed & ndimage.binary_dilation(mask, iterations=1)
+    hu[mask] = AIR_HU  # no lung markings beyond the pleural line
+    hu[pleural_line] = np.maximum(hu[pleural_line], -200.0)
+    hu[collapsed] = hu[collapsed] + 60.0 * grade  # the collapsed lung is a little denser
     return mask
 
 
@@ -181,7 +213,7 @@ def insert_cardiomegaly(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np
     heart = ws.structure("heart")
     factor = 1.2 + 0.25 * _grade(finding) + rng.uniform(0, 0.05)
     scale = np.array([factor, factor * 0.9, 1.0 + (factor - 1.0) * 0.4])
-    centre = np.array(ndimage.center_of_mass(heart))
+    centre = ws.centre("heart")
     x, y, z = (np.arange(n) for n in heart.shape)
     # inverse mapping: a voxel is heart after enlargement if its pre-image is heart
     px = np.clip(np.rint(centre[0] + (x - centre[0]) / scale[0]), 0, heart.shape[0] - 1).astype(int)
@@ -196,13 +228,12 @@ def insert_cardiomegaly(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np
 def insert_edema(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np.random.Generator) -> np.ndarray:
     """Bilateral perihilar haze: lung density raised most near the hila, fading towards the periphery."""
     lungs = ws.lungs()
-    heart = ws.structure("heart")
-    hilum_z = np.array(ndimage.center_of_mass(heart))[2] * ws.anatomy.spacing[2] + 30.0
+    hilum_z = ws.centre("heart")[2] * ws.anatomy.spacing[2] + 30.0
     x, y, z = ws.coords_mm
     weight = np.zeros(hu.shape, dtype=np.float32)
     for side in ("left", "right"):
         lung = ws.lungs(side)
-        cx, cy, _ = np.array(ndimage.center_of_mass(lung)) * np.asarray(ws.anatomy.spacing)
+        cx, cy, _ = ws.centre(f"lungs_{side}") * np.asarray(ws.anatomy.spacing)
         medial = cx + (-25.0 if side == "right" else 25.0)  # hilum sits medial to the lung's centre
         d = np.sqrt((x - medial) ** 2 + (y - cy) ** 2 + ((z - hilum_z) * 0.8) ** 2)
         weight = np.maximum(weight, np.exp(-d / 55.0) * lung)
@@ -253,7 +284,7 @@ def insert_device(ws: Workspace, hu: np.ndarray, finding: Finding, rng: np.rando
         oesophagus = ws.structure("esophagus")
         bottom = int(np.flatnonzero(oesophagus.any(axis=(0, 1))).min())
         points = _centreline(oesophagus, top, bottom)
-        stomach = np.array(ndimage.center_of_mass(ws.structure("stomach")))
+        stomach = ws.centre("stomach")
         points.append(stomach)
     else:  # central venous catheter: from the (right or left) subclavian region into the superior vena cava
         svc = ws.structure("superior_vena_cava")
