@@ -145,3 +145,33 @@ def test_left_right_convention_in_the_radiograph(tmp_path):
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SimulationConfig(**kwargs)
+
+
+def test_every_finding_kind_has_2d_and_3d_masks_boxes_and_a_label(tmp_path):
+    from radalign.data.io import read_image
+    from radalign.data.simulate.findings import FINDING_KINDS
+    from radalign.data.simulate.report import KIND_LABELS
+
+    config = SimulationConfig(
+        n=3, seed=5, size=96, with_3d=True, volume_spacing_mm=6.0, workers=1, normal_fraction=0.0,
+        uncertain_fraction=0.0, prevalences=dict.fromkeys(FINDING_KINDS, 1.0),
+    )  # fmt: skip
+    simulate(config, tmp_path, progress=False)
+    manifest = load_manifest(tmp_path / "manifest.csv")
+    assert not manifest.problems
+    for record in manifest.records:
+        regions = json.loads(record.regions_path.read_text())["regions"]
+        assert {r["finding"] for r in regions} == set(FINDING_KINDS), record.id
+        for region in regions:
+            mask = read_image(record.regions_path.parent / region["mask"]).array > 0.5
+            assert mask.any(), (record.id, region["name"])
+            if record.modality.value == "xray":
+                x0, y0, x1, y1 = region["box"]
+                rows, cols = np.nonzero(mask)
+                assert (x0, y0, x1, y1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+            else:
+                assert mask.shape == read_image(record.image_paths[0]).shape
+                z0, z1 = region["slices"]
+                assert np.flatnonzero(mask.any(axis=(0, 1)))[[0, -1]].tolist() == [z0, z1]
+            for label in KIND_LABELS[region["finding"]]:
+                assert record.labels[label] == 1, (record.id, region["finding"], label)

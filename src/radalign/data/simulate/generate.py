@@ -57,8 +57,10 @@ class SimulationConfig:
             raise ConfigError(f"simulate: size must be at least 32 px, got {self.size}")
         if self.volume_spacing_mm <= 0:
             raise ConfigError(f"simulate: volume_spacing_mm must be positive, got {self.volume_spacing_mm}")
-        if not 0.0 <= self.normal_fraction <= 1.0:
-            raise ConfigError(f"simulate: normal_fraction must be in [0, 1], got {self.normal_fraction}")
+        for name in ("normal_fraction", "uncertain_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"simulate: {name} must be in [0, 1], got {value}")
         if len(self.splits) != 3 or any(s < 0 for s in self.splits) or not math.isclose(sum(self.splits), 1.0):
             raise ConfigError(f"simulate: splits must be 3 non-negative fractions summing to 1, got {self.splits}")
         if self.image_format not in ("png", "dicom"):
@@ -186,7 +188,6 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
         mask2d = _warp(projected, grid) >= 0.5
         mask_file = f"masks/{sample_id}_{name}.png"
         io.write_png16(out / mask_file, mask2d.astype(np.float32))
-        z = np.flatnonzero(mask.any(axis=(0, 1)))
         regions.append(
             {
                 "finding": finding.kind,
@@ -198,7 +199,6 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
                 "size_mm": finding.size_mm,
                 "severity": finding.severity,
                 "certainty": finding.certainty,
-                "slices": [int(z.min()), int(z.max())] if z.size else None,
             }
         )
     pixel_mm = max(in_mm) / config.size
@@ -215,7 +215,7 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
     rows = [{"id": f"{sample_id}-cxr", "image": image_file, "modality": "xray", "view": "PA",
              "regions": region_file, **base_row}]  # fmt: skip
     if config.with_3d:
-        rows.append(_write_volume(ws, hu, masks3d, names, variant, config, out, sample_id, base_row))
+        rows.append(_write_volume(ws, hu, masks3d, findings, variant, config, out, sample_id, base_row))
     return SampleResult(index, rows)
 
 
@@ -228,7 +228,7 @@ def _write_volume(
     ws: Workspace,
     hu: np.ndarray,
     masks: list[np.ndarray],
-    names: list[str],
+    findings: list[Finding],
     variant: Variant,
     config: SimulationConfig,
     out: Path,
@@ -265,15 +265,24 @@ def _write_volume(
     volume_file = f"volumes/{sample_id}.nii.gz"
     io.write_nifti(out / volume_file, Image(deformed.numpy(), out_spacing, Modality.CT, "hu", "RAS"))
     regions = []
-    for name, mask in zip(names, masks, strict=True):
+    for name, finding, mask in zip(finding_names(findings), findings, masks, strict=True):
         warped = F.grid_sample(torch.from_numpy(mask.astype(np.float32))[None, None], grid, align_corners=False)
         mask_file = f"volumes/{sample_id}_{name}.nii.gz"
         io.write_nifti(
             out / mask_file,
             Image((warped[0, 0] >= 0.5).numpy().astype(np.float32), out_spacing, Modality.CT, "raw", "RAS"),
         )
-        regions.append({"finding": name.split("_")[0] if name[-1].isdigit() else name, "name": name,
-                        "mask": f"../{mask_file}"})  # fmt: skip
+        z = np.flatnonzero((warped[0, 0] >= 0.5).any(dim=0).any(dim=0).numpy())
+        regions.append(
+            {
+                "finding": finding.kind,
+                "name": name,
+                "mask": f"../{mask_file}",
+                "side": finding.side,
+                "location": finding.location,
+                "slices": [int(z.min()), int(z.max())] if z.size else None,  # axial slice range in this volume
+            }
+        )
     region_file = f"regions/{sample_id}-ct.json"
     (out / region_file).write_text(json.dumps({"regions": regions}, indent=1), encoding="utf-8")
     return {"id": f"{sample_id}-ct", "image": volume_file, "modality": "ct", "view": "AXIAL",

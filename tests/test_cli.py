@@ -1,0 +1,81 @@
+"""The command line: help, exit codes, clear errors, and the data commands end to end on simulated data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from radalign.cli import main
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("data", "prepare", "simulate", "demo"):
+        assert command in out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [Path(sys.executable).parent / "radalign", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.startswith("radalign ")
+
+
+def test_unknown_option_is_an_error_that_names_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", "--out", "x", "--nn", "3"])
+    assert exit_.value.code != 0
+    assert "nn" in capsys.readouterr().err
+
+
+def test_bad_setting_is_a_one_line_error_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", "--out", str(tmp_path / "sim"), "--n", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radalign: error:") and "n must be a positive" in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli-sim")
+    main(["simulate", "--out", str(out), "--n", "6", "--size", "64", "--workers", "1", "--preview", "true"])
+    return out
+
+
+def test_simulate_writes_a_manifest_and_a_preview(simulated):
+    table = pd.read_csv(simulated / "manifest.csv")
+    assert len(table) == 6 and set(table["modality"]) == {"xray"}
+    assert (simulated / "preview.png").stat().st_size > 10_000
+
+
+def test_data_check_passes_on_good_data_and_fails_with_exit_1_on_bad_rows(simulated, tmp_path, capsys):
+    main(["data", "check", str(simulated / "manifest.csv"), "--json_out", str(tmp_path / "summary.json")])
+    assert (tmp_path / "summary.json").is_file()
+    table = pd.read_csv(simulated / "manifest.csv")
+    table.loc[0, "image"] = "images/missing.png"
+    bad = simulated / "bad.csv"
+    table.to_csv(bad, index=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", str(bad)])
+    assert exit_.value.code == 1
+    assert "missing.png" in capsys.readouterr().out
+
+
+def test_prepare_caches_every_image_and_reuses_them(simulated, tmp_path):
+    cache = tmp_path / "cache"
+    main(["prepare", "--data", str(simulated / "manifest.csv"), "--out", str(cache), "--size", "32", "--workers", "1"])
+    first = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != "index.json"}
+    assert len(first) >= 6
+    main(["prepare", "--data", str(simulated / "manifest.csv"), "--out", str(cache), "--size", "32", "--workers", "1"])
+    second = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != "index.json"}
+    assert second == first  # nothing rewritten
