@@ -14,6 +14,7 @@ is invisible and must be made visible or removed from the simulator.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -66,7 +67,7 @@ def small_cnn() -> nn.Module:
     """Five conv blocks: small enough for a CPU run, enough to see a 1 cm nodule at 128 px."""
     layers: list[nn.Module] = []
     channels = [1, 32, 64, 96, 128, 192]
-    for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+    for c_in, c_out in itertools.pairwise(channels):
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         layers.append(nn.MaxPool2d(2))
