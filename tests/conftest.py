@@ -65,3 +65,12 @@ def tiny_manifest(tmp_path: Path) -> Path:
     path = tmp_path / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def simulated_manifest(tmp_path_factory) -> Path:
+    """40 simulated patients (2D, 64 px) with reports and labels: the shared data of the training tests."""
+    from radalign.data.simulate.generate import SimulationConfig, simulate
+
+    out = tmp_path_factory.mktemp("simulated")
+    return simulate(SimulationConfig(n=40, seed=3, size=64, workers=1), out, progress=False)

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from radalign.data.config import DataConfig
 from radalign.errors import RadalignError
+from radalign.training.config import (
+    EMAConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    StageConfig,
+    TrainerConfig,
+)
 
 
 def data_check(
@@ -128,16 +137,74 @@ def simulate(
         get_logger().info(f"wrote {contact_sheet(out)}")
 
 
-def demo(out: Path = Path("demo_out"), n: int = 48) -> None:
-    """Run the demo: simulate a small dataset from the real chest CT, check it, cache it and stream batches.
+def pretrain(
+    *,
+    data: Path,
+    out: Path,
+    max_steps: int | None = None,
+    resume: bool = True,
+    method: str = "clip",
+    model: ModelConfig = ModelConfig(),  # noqa: B008 - jsonargparse reads defaults from the signature
+    objectives: dict[str, dict[str, Any]] | None = None,
+    stages: list[StageConfig] | None = None,
+    optim: OptimConfig = OptimConfig(),  # noqa: B008
+    ema: EMAConfig = EMAConfig(),  # noqa: B008
+    loader: DataConfig = DataConfig(),  # noqa: B008
+    trainer: TrainerConfig = TrainerConfig(),  # noqa: B008
+) -> None:
+    """Pre-train a method on a manifest (docs/training.md). Start from a method config:
+
+        radalign pretrain --config configs/methods/clip-tiny.yaml --data sim/manifest.csv --out runs/clip
+
+    Every config value can be overridden, e.g. --optim.lr 3e-4 --loader.batch_size 16 --trainer.devices 4.
+    Re-running the same command resumes from OUT/checkpoints/last.ckpt.
 
     Args:
-        out: Folder for the demo's data and outputs (reused on a second run).
+        data: Training manifest (.csv or .parquet); its train/val splits are used.
+        out: Run folder: checkpoints/, logs/ (CSV, TensorBoard), export/ (safetensors + config.json).
+        max_steps: Stop after this many optimiser steps (overrides trainer.max_steps).
+        resume: Continue from OUT/checkpoints/last.ckpt when it exists.
+        method: Registered method name (clip, convirt, ...).
+        model: Encoders, projection and embedding size.
+        objectives: Per-objective settings and weights, e.g. {global: {weight: 1.0, temperature: 0.07}}.
+        stages: Stage schedule: objective weights by step or epoch, optional optimiser reset.
+        optim: AdamW and learning-rate schedule.
+        ema: EMA copies of sub-modules (teachers).
+        loader: How the manifest becomes batches (image size, augmentation, tokenizer, batch size, workers).
+        trainer: Lightning flags: devices, nodes, strategy, precision, accumulation, clipping, checkpoints.
+    """
+    import dataclasses
+
+    from radalign.training.run import pretrain as run_pretrain
+
+    loader = dataclasses.replace(loader, manifest=data)
+    if max_steps is not None:
+        trainer = dataclasses.replace(trainer, max_steps=max_steps)
+    config = PretrainConfig(
+        method=method,
+        model=model,
+        objectives=objectives or {},
+        stages=stages or [],
+        optim=optim,
+        ema=ema,
+        loader=loader,
+        trainer=trainer,
+    )
+    run_pretrain(config, out, resume=resume)
+
+
+def demo(out: Path = Path("demo_out"), n: int = 1000, steps: int = 250) -> None:
+    """Run the demo: simulate paired data from the real chest CT, pre-train CLIP on the CPU, compare with the
+    untrained model (zero-shot AUROC, retrieval) and write OUT/report.md with the loss curve.
+
+    Args:
+        out: Folder for the demo's data, run and report (the simulated data and cache are reused).
         n: Number of simulated patients.
+        steps: Pre-training steps (batch 32).
     """
     from radalign.demo import run_demo
 
-    run_demo(out, n=n)
+    run_demo(out, n=n, steps=steps)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": {"check": data_check, "_help": "Dataset tools: validate and summarise manifests."},
         "prepare": prepare,
         "simulate": simulate,
+        "pretrain": pretrain,
         "demo": demo,
     }
     if argv is None:

@@ -2,55 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from radalign.data.cache import PreparedCache
+from radalign.data.config import DataConfig
 from radalign.data.dataset import Collate, RadDataset, seed_worker
 from radalign.data.manifest import Manifest, load_manifest
 from radalign.data.schema import Modality
 from radalign.errors import ConfigError, DataError
-
-
-@dataclass
-class DataConfig:
-    """Everything that turns a manifest into batches. Every field is a config key (``data.<field>``)."""
-
-    manifest: Path | None = None
-    cache_dir: Path | None = None  # made by `radalign prepare`; decoded on the fly when absent
-    modality: Literal["xray", "ct"] = "xray"  # records of other modalities are left out
-    tokenizer: str | None = "minilm"  # a local folder, "minilm" (bundled), a hub name, or None (no text)
-    max_length: int = 128
-    report_sections: tuple[str, ...] = ("FINDINGS", "IMPRESSION")
-    require_report: bool = True
-    image_size: int = 224  # 2D: square side after augmentation
-    preset: str = "convirt"  # 2D augmentation preset (see data/transforms.py)
-    hflip: bool | None = None  # None = the preset's default
-    volume_size: tuple[int, int, int] = (96, 96, 96)
-    volume_spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    text_shuffle: bool = False  # PRIOR: shuffle sentences on every access
-    text_swap_p: float = 0.0  # LoVT: sentence swaps ~ Geometric(p); 0 = off
-    text_one_sentence: bool = False  # ConVIRT: one random sentence
-    image_choice: Literal["first", "random"] = "random"
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    num_workers: int = 0
-    on_error: Literal["skip", "fail"] = "skip"
-    max_skip_fraction: float = 0.05  # stop the run if more of an epoch than this is unreadable
-    seed: int = 0
-    vocabulary: tuple[str, ...] = field(default_factory=tuple)  # empty = the manifest's label columns
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
-        if not 0.0 <= self.max_skip_fraction <= 1.0:
-            raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
 
 def build_transform(config: DataConfig, train: bool) -> Any:
@@ -75,7 +38,7 @@ class RadDataModule(L.LightningDataModule):
     def __init__(self, config: DataConfig, tokenizer: Any = None) -> None:
         super().__init__()
         if config.manifest is None:
-            raise ConfigError("data.manifest is not set; pass --data MANIFEST (a .csv or .parquet manifest)")
+            raise ConfigError("loader.manifest is not set; pass --data MANIFEST (a .csv or .parquet manifest)")
         self.config = config
         self._tokenizer = tokenizer
         self.manifest: Manifest | None = None
@@ -125,11 +88,12 @@ class RadDataModule(L.LightningDataModule):
         c = self.config
         pad = getattr(self.tokenizer, "pad_token_id", 0) or 0
         generator = torch.Generator().manual_seed(c.seed)
-        return DataLoader(
-            self.datasets[split],
+        dataset = self.datasets[split]
+        return (ResumableLoader if train else DataLoader)(
+            dataset,
             batch_size=c.batch_size if train else (c.eval_batch_size or c.batch_size),
-            shuffle=train,
-            drop_last=train and len(self.datasets[split]) >= c.batch_size,
+            sampler=EpochSampler(len(dataset), c.seed) if train else None,
+            drop_last=train and len(dataset) >= c.batch_size,
             num_workers=c.num_workers,
             collate_fn=Collate(pad_token_id=pad),
             worker_init_fn=seed_worker,
@@ -146,6 +110,60 @@ class RadDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a permutation seeded by (seed, epoch), so the order of any epoch can be re-created.
+
+    Lightning calls ``set_epoch`` at every epoch start (and wraps this sampler for DDP); ``skip`` drops the first
+    samples of the next iteration, which is how a resumed run continues mid-epoch with the same data order.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in Lightning checkpoints (the ``_Stateful`` protocol).
+
+    It counts the batches it has handed out; on load, the sampler skips the batches the interrupted run had
+    already trained on. (Lightning's fetcher does not hold a batch in advance when it saves a step checkpoint:
+    every batch handed out was trained on; tests/test_training.py checks this against an uninterrupted run.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handed_out = 0
+
+    def __iter__(self):
+        self.handed_out = 0
+        for batch in super().__iter__():
+            self.handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "handed_out": self.handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        trained = state["handed_out"]
+        if trained < len(self):
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.skip = trained * (self.batch_size or 1)
 
 
 class SkippedSamplesCallback(L.Callback):
@@ -180,6 +198,6 @@ class SkippedSamplesCallback(L.Callback):
             if self.seen and count / self.seen > self.max_fraction:
                 raise DataError(
                     f"{count} of {self.seen} items ({count / self.seen:.0%}) were unreadable in one epoch, more "
-                    f"than data.max_skip_fraction={self.max_fraction}. First problems:\n{lines}"
+                    f"than loader.max_skip_fraction={self.max_fraction}. First problems:\n{lines}"
                 )
         self.skipped, self.seen = [], 0

@@ -149,7 +149,7 @@ class Collate:
         if len(shapes) > 1:
             raise DataError(
                 f"images in one batch have different shapes {sorted(shapes)}; configure an image transform "
-                "that resizes/crops to one size (e.g. data.image_size)"
+                "that resizes/crops to one size (e.g. loader.image_size)"
             )
         batch["image"] = torch.stack([s["image"] for s in good])
         batch["labels"] = torch.stack([s["labels"] for s in good])

@@ -110,3 +110,57 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
             f"could not load a tokenizer from {name_or_path!r}: {err}. Pass a local folder with tokenizer "
             "files, 'minilm' for the bundled MiniLM, or a hub name (needs network)."
         ) from err
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] = 0 matches Collate's pad_token_id
+
+
+def train_wordpiece(
+    texts: Sequence[str],
+    vocab_size: int,
+    out_dir: str | Path,
+    lowercase: bool = True,
+    min_frequency: int = 1,
+    model_max_length: int = 512,
+) -> Any:
+    """Train a BERT-style WordPiece tokenizer on ``texts`` offline and save it to ``out_dir``.
+
+    For tiny random BERTs in tests and smoke runs, where the pretrained MiniLM vocabulary is much larger than the
+    data needs. The folder loads with ``transformers.AutoTokenizer`` and :func:`load_tokenizer` (a fast tokenizer:
+    offsets work). ``vocab_size`` is an upper bound: a small corpus gives fewer tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise ConfigError(f"train_wordpiece: vocab_size {vocab_size} is too small; use at least 100")
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ConfigError("train_wordpiece: no non-empty texts to train on")
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return fast

@@ -1,0 +1,1 @@
+"""Downstream evaluation of a frozen pre-trained model (zero-shot, retrieval; more protocols follow)."""

@@ -1,0 +1,69 @@
+"""What every method is: encoders + heads + objectives, returning named, unweighted losses.
+
+A method never owns a training loop: ``training.module.PretrainModule`` weights its losses with the config's
+stage schedule, optimises, logs and checkpoints. Evaluation reads a method only through ``encode_images`` and
+``encode_texts`` (L2-normalised global embeddings in the shared space) and the encoder outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from radalign.errors import ConfigError
+from radalign.training.config import PretrainConfig
+from radalign.training.ema import EMACopies
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_sentence", "token_word")
+
+
+class Method(nn.Module):
+    """Base class. Subclasses build their modules in ``__init__`` and implement ``losses``."""
+
+    name: ClassVar[str] = ""
+    objective_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> None:
+        super().__init__()
+        self.for_inference = for_inference
+        self.config = config
+        unknown = sorted(set(config.objectives) - set(self.objective_names))
+        if unknown:
+            raise ConfigError(
+                f"method '{config.method}' has no objective {unknown[0]!r}; "
+                f"its objectives: {list(self.objective_names)}"
+            )
+        self.ema: EMACopies | None = None
+
+    def setup_ema(self) -> None:
+        """Call at the end of a subclass ``__init__``: copies the sub-modules named in ``config.ema.modules``."""
+        if self.config.ema.modules:
+            self.ema = EMACopies(self, self.config.ema.modules, self.config.ema.decay)
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Unweighted loss per objective name (scalars); the training module applies the stage weights."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) or (B, C, D, H, W) -> (B, embed_dim) L2-normalised."""
+        raise NotImplementedError
+
+    def encode_texts(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenised text (the batch's ``TEXT_KEYS``) -> (B, embed_dim) L2-normalised."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars worth logging besides the losses (e.g. a learnable temperature)."""
+        return {}
+
+
+def require_text(batch: dict[str, Any], method: str) -> dict[str, torch.Tensor]:
+    missing = [k for k in TEXT_KEYS if k not in batch]
+    if missing:
+        raise ConfigError(
+            f"{method} needs tokenised reports in every batch but the batch lacks {missing}; set loader.tokenizer "
+            "and use a manifest whose records have reports (loader.require_report: true)"
+        )
+    return {k: batch[k] for k in TEXT_KEYS}

@@ -1,0 +1,88 @@
+"""Pooling: attention pooling that returns its weights, and mean pooling of tokens into words or sentences.
+
+Attention pooling (LoVT, PRIOR) returns its weights because methods reuse them, detached, as weights of local
+losses. Segment pooling uses the data layer's token -> word / sentence indices and is one batched matmul: no
+Python loop over samples or segments (the seed methods' loops are the slow part of their training steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from radalign.errors import ConfigError
+
+
+def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor:
+    """Softmax that gives masked entries exactly zero weight, and an all-masked row all zeros (never NaN)."""
+    if mask is None:
+        return scores.softmax(dim=dim)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=dim) * mask
+    return weights / weights.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention of one query over a set of local features; returns (pooled, weights).
+
+    The query is a learned vector (``query="learned"``) or the masked mean of the inputs (``"mean"``, as CLIP's
+    AttentionPool2d and PRIOR do). Weights are averaged over heads and sum to 1 over the unmasked inputs.
+    """
+
+    def __init__(
+        self, dim: int, heads: int = 1, query: Literal["learned", "mean"] = "learned", out_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"attention pool: dim {dim} is not divisible by heads {heads}; pick a divisor of {dim}")
+        if query not in ("learned", "mean"):
+            raise ConfigError(f"attention pool: query must be 'learned' or 'mean', got {query!r}")
+        self.heads = heads
+        self.query_kind = query
+        self.query = nn.Parameter(torch.randn(dim) * dim**-0.5) if query == "learned" else None
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, out_dim or dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N, D), mask (B, N) bool (True = real) -> pooled (B, out_dim), weights (B, N)."""
+        b, n, d = x.shape
+        h, hd = self.heads, d // self.heads
+        if self.query is not None:
+            q = self.query.to(x.dtype).expand(b, d)
+        elif mask is None:
+            q = x.mean(dim=1)
+        else:
+            m = mask.to(x.dtype).unsqueeze(-1)
+            q = (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        q = self.q_proj(q).view(b, h, 1, hd)  # (B, H, 1, hd)
+        k = self.k_proj(x).view(b, n, h, hd).transpose(1, 2)  # (B, H, N, hd)
+        v = self.v_proj(x).view(b, n, h, hd).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)  # (B, H, 1, N)
+        weights = masked_softmax(scores, None if mask is None else mask[:, None, None, :])
+        pooled = (weights @ v).reshape(b, d)  # (B, H, 1, hd) -> (B, D)
+        return self.out_proj(pooled), weights.mean(dim=1).squeeze(1)
+
+
+def segment_mean(values: Tensor, index: Tensor, num_segments: int | None = None) -> tuple[Tensor, Tensor]:
+    """Mean of the tokens of each segment (word or sentence): values (B, T, D), index (B, T) with -1 = none.
+
+    Returns means (B, S, D) and mask (B, S) (True = the segment has at least one token; empty segments are
+    zeros). S defaults to the largest index + 1 in the batch. One (B, S, T) @ (B, T, D) matmul: deterministic on
+    GPUs and autocast-friendly, unlike scatter-add.
+    """
+    b, t = values.shape[:2]
+    if index.shape != (b, t):
+        raise ValueError(f"segment index has shape {tuple(index.shape)}, expected {(b, t)} to match the tokens")
+    if num_segments is None:
+        num_segments = int(index.max().item()) + 1 if index.numel() else 0
+    num_segments = max(num_segments, 0)
+    segments = torch.arange(num_segments, device=index.device)
+    member = index.unsqueeze(1) == segments[None, :, None]  # (B, S, T); -1 matches no segment
+    counts = member.sum(dim=2)  # (B, S)
+    weights = member.to(values.dtype) / counts.clamp_min(1).unsqueeze(-1).to(values.dtype)
+    return weights @ values, counts > 0

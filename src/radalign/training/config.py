@@ -1,0 +1,228 @@
+"""The pre-training configuration: one dataclass tree, read from YAML, every key overridable from the CLI.
+
+A run is ``PretrainConfig``: which method, its model (encoders, projection), its objectives and their weights, a
+stage schedule, the optimiser, optional EMA copies, the data loader and the Lightning trainer flags. The YAML
+files in ``configs/methods/`` hold exactly these keys; ``radalign pretrain --config FILE --optim.lr 3e-4`` overrides
+one value, and an unknown key anywhere is an error that names it (checked here for the Python API, by
+jsonargparse for the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from radalign.data.config import DataConfig
+from radalign.errors import ConfigError
+
+
+@dataclass
+class ImageEncoderConfig:
+    """A timm 2D backbone (``resnet18``, ``vit_small_patch16_224``, any timm name) or a MONAI 3D ResNet."""
+
+    name: str = "resnet18"
+    pretrained: str | None = None  # a local weights file, or a hub name you ask for; never implicit
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the backbone (e.g. img_size for ViTs)
+
+
+@dataclass
+class TextEncoderConfig:
+    """A BERT-family encoder: a local folder, ``minilm`` (bundled) or a hub name; ``tiny`` = random tiny BERT."""
+
+    name: str = "minilm"
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0  # freeze the first N transformer layers
+    pooling: Literal["cls", "mean", "attention"] = "cls"
+    tiny: dict[str, int] = field(default_factory=dict)  # name == "tiny": hidden, layers, heads, intermediate
+
+
+@dataclass
+class ModelConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 512
+    projection: Literal["linear", "mlp"] = "linear"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (or constant) over the run's optimiser steps."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # the cosine's floor as a fraction of lr
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # submodule name prefix -> factor
+
+
+@dataclass
+class StageConfig:
+    """From ``start_step`` (or ``start_epoch``) on, the objectives' weights are ``weights`` (missing = unchanged)."""
+
+    name: str = "main"
+    start_step: int | None = None
+    start_epoch: int | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    reset_optimizer: bool = False  # recreate the optimiser and schedule at this boundary (PRIOR)
+
+
+@dataclass
+class EMAConfig:
+    """Exponential-moving-average copies of sub-modules (teachers for MLIP / UniMedI)."""
+
+    modules: list[str] = field(default_factory=list)
+    decay: float = 0.999
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer flags: the same config runs on one CPU or on DDP across nodes by changing these."""
+
+    max_steps: int = -1
+    max_epochs: int | None = None
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on a GPU that supports it, else 32-true
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: int | float | None = None
+    checkpoint_every_n_steps: int = 500
+    seed: int = 0
+    deterministic: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "clip"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    loader: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def weights_at(self, step: int, epoch: int) -> dict[str, float]:
+        """Objective weights in force at (step, epoch): each objective's own weight, updated by every started stage."""
+        weights = {name: float(spec.get("weight", 1.0)) for name, spec in self.objectives.items()}
+        for stage in self.stages:
+            if stage_started(stage, step, epoch):
+                weights.update(stage.weights)
+        return weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def stage_started(stage: StageConfig, step: int, epoch: int) -> bool:
+    if stage.start_step is not None and step >= stage.start_step:
+        return True
+    if stage.start_epoch is not None and epoch >= stage.start_epoch:
+        return True
+    return stage.start_step is None and stage.start_epoch is None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts, strictly: an unknown key is a ConfigError that names it."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}{unknown[0]}"
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {name: _convert(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"config section '{where.rstrip('.') or 'root'}': {err}") from err
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value, f"{where}.")
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        for arg in args:
+            if arg is not type(None) and dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value, f"{where}.")
+        return value
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        return [from_dict(args[0], item, f"{where}[{i}].") for i, item in enumerate(value)]
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if origin is Literal and value not in args:
+        raise ConfigError(f"config key '{where}' must be one of {list(args)}, got {value!r}")
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    return value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """Read a YAML run config, apply dotted ``overrides`` ({"optim.lr": 3e-4}), and validate every key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/methods/")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(PretrainConfig, data)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 mixed precision where the GPU supports it, else full float32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def shipped_config_dir() -> Path:
+    """The method configs that ship with radalign (also reachable as ``configs/`` in a source checkout)."""
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file path, or a shipped config's name (``clip-tiny`` -> configs/methods/clip-tiny.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_config_dir() / "methods" / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and len(path.parts) <= 3 and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in (shipped_config_dir() / "methods").glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path} not found; give a YAML path or a shipped name: {', '.join(names)}")

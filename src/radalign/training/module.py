@@ -1,0 +1,127 @@
+"""The one LightningModule that trains every method.
+
+It weights the method's named losses by the stage schedule, builds AdamW with warm-up + cosine, recreates the
+optimiser at a stage boundary when the config asks (PRIOR), updates EMA teachers after each optimiser step, and
+logs losses, learning rate, throughput and method metrics. Devices, precision, strategy, accumulation and
+clipping are Lightning's (``TrainerConfig``), so nothing here knows whether it runs on a CPU or 64 GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from radalign.methods.base import Method
+from radalign.training.config import PretrainConfig, stage_started
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step``: linear warm-up, then cosine or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, config: PretrainConfig, method: Method) -> None:
+        super().__init__()
+        self.config = config
+        self.method = method
+        self.save_hyperparameters({"config": config.to_dict()})
+        self._started_stages: set[int] = set()
+        self._optimizer_start_step = 0
+        self._tick: float | None = None
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def weighted_loss(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        weights = self.config.weights_at(self.global_step, self.current_epoch)
+        terms = [weights.get(name, 1.0) * value for name, value in losses.items() if weights.get(name, 1.0) != 0]
+        if not terms:
+            raise RuntimeError(f"every objective has weight 0 at step {self.global_step}: {weights}")
+        return torch.stack(terms).sum(), weights
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["batch_size"] == 0:
+            return None  # every item was unreadable; counted by SkippedSamplesCallback
+        losses = self.method.losses(batch)
+        total, _ = self.weighted_loss(losses)
+        size = batch["batch_size"]
+        self.log("train/loss", total, prog_bar=True, batch_size=size)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        for name, value in self.method.metrics().items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch["batch_size"] == 0:
+            return
+        losses = self.method.losses(batch)
+        total, _ = self.weighted_loss(losses)
+        self.log("val/loss", total, prog_bar=True, batch_size=batch["batch_size"], sync_dist=True)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        for index, stage in enumerate(self.config.stages):
+            if index in self._started_stages or not stage_started(stage, self.global_step, self.current_epoch):
+                continue
+            self._started_stages.add(index)
+            if stage.reset_optimizer and self.global_step > 0:
+                # Fresh moments and a fresh schedule over the remaining steps, as PRIOR restarts at each stage.
+                self._optimizer_start_step = self.global_step
+                self.trainer.strategy.setup_optimizers(self.trainer)
+        self._tick = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._tick is not None and isinstance(batch, dict) and batch.get("batch_size"):
+            seconds = time.perf_counter() - self._tick
+            self.log("train/samples_per_s", batch["batch_size"] / max(seconds, 1e-9), prog_bar=True)
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called once per optimiser step (not per micro-batch under accumulation): the EMA's natural clock.
+        if self.method.ema is not None and self.trainer.training:
+            self.method.ema.update(self.method)
+
+    # -- optimiser --------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.config.optim
+        groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+        for name, param in self.method.named_parameters():
+            if not param.requires_grad or name.startswith("ema."):
+                continue
+            factor = 1.0
+            for prefix, multiplier in optim.lr_multipliers.items():
+                if name.startswith(prefix):
+                    factor = multiplier
+            no_decay = param.ndim <= 1 or name.endswith(".bias")  # norms, biases, temperatures: no weight decay
+            groups.setdefault((factor, no_decay), []).append(param)
+        param_groups = [
+            {"params": params, "lr": optim.lr * factor, "weight_decay": 0.0 if no_decay else optim.weight_decay}
+            for (factor, no_decay), params in groups.items()
+        ]
+        optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches) - self._optimizer_start_step)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_lambda(step, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoint state -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["radalign"] = {
+            "started_stages": sorted(self._started_stages),
+            "optimizer_start_step": self._optimizer_start_step,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("radalign", {})
+        self._started_stages = set(state.get("started_stages", []))
+        self._optimizer_start_step = int(state.get("optimizer_start_step", 0))

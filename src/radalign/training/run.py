@@ -1,0 +1,160 @@
+"""``pretrain(config, out)``: data module + method + Lightning Trainer, checkpoints, logs and the export.
+
+The run folder holds everything a run produces:
+
+    out/
+      config.yaml            the resolved config (every default filled in)
+      checkpoints/last.ckpt  Lightning checkpoints: a re-run of the same command resumes from last.ckpt
+      logs/version_N/        metrics.csv (CSV logger) and TensorBoard events, one folder per invocation
+      export/                model.safetensors + config.json (+ tokenizer/): ``radalign.load(out / "export")``
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from radalign.data.datamodule import RadDataModule, SkippedSamplesCallback
+from radalign.errors import ConfigError
+from radalign.methods.registry import build_method
+from radalign.training.config import PretrainConfig, resolve_precision
+from radalign.training.module import PretrainModule
+from radalign.utils.logging import get_logger
+
+EXPORT_FORMAT = 1
+
+
+@dataclass
+class RunResult:
+    out: Path
+    export: Path
+    checkpoint: Path | None
+    steps: int
+    metrics: dict[str, float]
+
+
+def _progress_bar() -> L.Callback:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepProgressBar(RichProgressBar):
+        """Says 'step 120/300' on step-budgeted runs instead of Lightning's 'Epoch 3/-2'."""
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            trainer = self.trainer
+            if trainer.max_steps and trainer.max_steps > 0:
+                return f"epoch {current_epoch} · step {trainer.global_step}/{trainer.max_steps}"
+            return super()._get_train_description(current_epoch)
+
+    return StepProgressBar(leave=True)
+
+
+def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = config.trainer
+    # every invocation (a first run, each resume) logs into its own version folder: nothing is overwritten
+    version = f"version_{len(list((out / 'logs').glob('version_*')))}"
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=max(1, t.checkpoint_every_n_steps),
+    )
+    all_callbacks: list[L.Callback] = [checkpoint, SkippedSamplesCallback(config.loader.max_skip_fraction)]
+    if t.progress:
+        all_callbacks.append(_progress_bar())
+    all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    all_callbacks += callbacks or []
+    return L.Trainer(
+        default_root_dir=out,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs if t.max_epochs is not None else (-1 if t.max_steps > 0 else 1),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision),  # type: ignore[arg-type]
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.progress,
+        enable_model_summary=False,
+        logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
+        callbacks=all_callbacks,
+        num_sanity_val_steps=0,
+    )
+
+
+def pretrain(
+    config: PretrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = True,
+    callbacks: list[L.Callback] | None = None,
+) -> RunResult:
+    """Pre-train ``config.method`` on ``config.loader.manifest``; resumes from ``out/checkpoints/last.ckpt``."""
+    import yaml
+
+    out = Path(out)
+    if config.loader.manifest is None:
+        raise ConfigError("no training data: set loader.manifest (CLI: --data MANIFEST)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    data = RadDataModule(config.loader)
+    method = build_method(config, tokenizer=data.tokenizer)
+    module = PretrainModule(config, method)
+    trainer = build_trainer(config, out, callbacks)
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = last if resume and last.is_file() else None
+    log = get_logger()
+    if ckpt_path is not None:
+        log.info(f"resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    export_dir = export(method, config, out / "export", tokenizer=data.tokenizer)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    log.info(f"run {out}: {trainer.global_step} steps; export in {export_dir}")
+    return RunResult(out, export_dir, last if last.is_file() else None, trainer.global_step, metrics)
+
+
+def export(method: torch.nn.Module, config: PretrainConfig, folder: Path, tokenizer: Any = None) -> Path:
+    """Weights as safetensors + the config as JSON (+ the tokenizer): everything ``radalign.load`` needs."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    save_file(_dedupe_shared(state), folder / "model.safetensors", metadata={"format": str(EXPORT_FORMAT)})
+    payload = {"format": EXPORT_FORMAT, "config": config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): keep a private copy of each repeat."""
+    seen: set[int] = set()
+    result = {}
+    for key, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        result[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return result
+
+
+def config_from_export(folder: Path) -> PretrainConfig:
+    from radalign.training.config import from_dict
+
+    payload = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if payload.get("format") != EXPORT_FORMAT:
+        found = payload.get("format")
+        raise ConfigError(f"{folder} was exported in format {found}; this radalign reads format {EXPORT_FORMAT}")
+    return from_dict(PretrainConfig, payload["config"])

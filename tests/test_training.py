@@ -1,0 +1,169 @@
+"""The training engine with a toy method: config loading, stages, schedule, EMA, exact resume, export."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from radalign.errors import ConfigError
+from radalign.methods.base import Method
+from radalign.methods.registry import METHODS, register
+from radalign.training.config import (
+    PretrainConfig,
+    StageConfig,
+    TrainerConfig,
+    find_config,
+    from_dict,
+    load_config,
+)
+from radalign.training.module import lr_lambda
+
+
+class ToyMethod(Method):
+    """Pixels -> linear embedding; 'fit' pulls embeddings to the label vector, 'norm' is a second objective."""
+
+    name = "toy"
+    objective_names = ("fit", "norm")
+
+    def __init__(self, config, tokenizer=None, *, for_inference=False):
+        super().__init__(config, tokenizer, for_inference=for_inference)
+        self.encoder = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(64, 4))
+        self.setup_ema()
+
+    def losses(self, batch):
+        z = self.encoder(batch["image"])
+        target = torch.nan_to_num(batch["labels"][:, :4], nan=0.0).clamp_min(0)
+        return {"fit": ((z - target) ** 2).mean(), "norm": z.pow(2).mean()}
+
+    def encode_images(self, images):
+        return nn.functional.normalize(self.encoder(images), dim=-1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_registered():
+    register("toy")(ToyMethod)
+    yield
+    METHODS.pop("toy", None)
+
+
+def toy_config(manifest, **trainer) -> PretrainConfig:
+    return from_dict(
+        PretrainConfig,
+        {
+            "method": "toy",
+            "objectives": {"fit": {"weight": 1.0}, "norm": {"weight": 0.0}},
+            "optim": {"lr": 1e-2, "warmup_steps": 2},
+            "loader": {"manifest": str(manifest), "tokenizer": None, "image_size": 32, "batch_size": 4,
+                       "preset": "none", "require_report": False},
+            "trainer": {"max_steps": 6, "progress": False, "checkpoint_every_n_steps": 3, "log_every_n_steps": 1,
+                        **trainer},
+        },
+    )  # fmt: skip
+
+
+def test_every_shipped_config_loads_and_names_a_registered_method():
+    import radalign.methods.clip  # noqa: F401
+
+    for name in ("clip", "clip-tiny", "convirt", "convirt-tiny"):
+        config = load_config(find_config(name))
+        assert config.method in METHODS, name
+
+
+def test_unknown_config_keys_are_errors_that_name_them(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: clip\noptim: {lr: 1.0e-4, lrr: 3}\n")
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"loader\.batchsize"):
+        load_config(find_config("clip-tiny"), {"loader.batchsize": 3})
+    with pytest.raises(ConfigError, match="schedule"):
+        load_config(find_config("clip-tiny"), {"optim.schedule": "linearly"})
+    assert load_config(find_config("clip-tiny"), {"optim.lr": 0.5}).optim.lr == 0.5
+
+
+def test_stage_weights_switch_at_their_step():
+    config = PretrainConfig(
+        objectives={"a": {"weight": 1.0}, "b": {"weight": 0.0}},
+        stages=[StageConfig(name="two", start_step=10, weights={"b": 0.5, "a": 0.25})],
+    )
+    assert config.weights_at(9, 0) == {"a": 1.0, "b": 0.0}
+    assert config.weights_at(10, 0) == {"a": 0.25, "b": 0.5}
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    values = [lr_lambda(s, warmup_steps=4, total_steps=20, schedule="cosine", min_ratio=0.1) for s in range(20)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[4:]))
+    mid = 4 + 8
+    assert values[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(simulated_manifest, tmp_path):
+    import lightning as L
+
+    from radalign.training.run import pretrain
+
+    class Killed(Exception):
+        pass
+
+    class KillAfter(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 3:  # the step-3 checkpoint is on disk; the process "dies" here
+                raise Killed
+
+    straight = pretrain(toy_config(simulated_manifest), tmp_path / "straight")
+    with pytest.raises(Killed):
+        pretrain(toy_config(simulated_manifest), tmp_path / "resumed", callbacks=[KillAfter()])
+    resumed = pretrain(toy_config(simulated_manifest), tmp_path / "resumed")
+    assert straight.steps == resumed.steps == 6
+
+    def weights(run):
+        from safetensors.torch import load_file
+
+        return load_file(run.export / "model.safetensors")
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_ema_copy_trails_the_trained_weights(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    config = toy_config(simulated_manifest)
+    config.ema.modules = ["encoder"]
+    config.ema.decay = 0.5
+    result = pretrain(config, tmp_path / "ema")
+    from safetensors.torch import load_file
+
+    state = load_file(result.export / "model.safetensors")
+    live, teacher = state["encoder.2.weight"], state["ema.copies.encoder.2.weight"]
+    assert not torch.equal(live, teacher)  # it moved, but not onto the live weights
+    assert (live - teacher).abs().max() < 1.0
+
+
+def test_run_folder_holds_checkpoints_logs_and_export(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    result = pretrain(toy_config(simulated_manifest), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "train/fit" in metrics
+    assert (result.export / "config.json").is_file()
+
+
+def test_trainer_flags_reach_lightning(simulated_manifest, tmp_path):
+    from radalign.training.run import build_trainer
+
+    config = toy_config(simulated_manifest, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    trainer = build_trainer(config, tmp_path)
+    assert trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 0.5
+    assert trainer.max_steps == 6
+    assert isinstance(TrainerConfig().precision, str)
