@@ -74,3 +74,48 @@ def simulated_manifest(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("simulated")
     return simulate(SimulationConfig(n=40, seed=3, size=64, workers=1), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def eval_manifest(tmp_path_factory) -> Path:
+    """80 simulated patients (2D, 64 px, splits 50/20/30) with reports, labels, masks and boxes: evaluation data."""
+    from radalign.data.simulate.generate import SimulationConfig, simulate
+
+    out = tmp_path_factory.mktemp("eval-sim")
+    config = SimulationConfig(n=80, seed=11, size=64, workers=1, splits=(0.5, 0.2, 0.3))
+    return simulate(config, out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(eval_manifest, tmp_path_factory) -> Path:
+    """A CLIP-tiny model briefly pre-trained on ``eval_manifest`` (64 px), exported: what evaluation tests load."""
+    from radalign.training.config import find_config, load_config
+    from radalign.training.run import pretrain
+
+    config = load_config(
+        find_config("clip-tiny"),
+        {
+            "loader.manifest": str(eval_manifest),
+            "loader.image_size": 64,
+            "loader.batch_size": 8,
+            "loader.max_length": 64,
+            "model.text.freeze_layers": 6,
+            "trainer.max_steps": 4,
+            "trainer.progress": False,
+        },
+    )
+    return pretrain(config, tmp_path_factory.mktemp("tiny-run")).export
+
+
+@pytest.fixture
+def eval_context(eval_manifest, tiny_export, tmp_path):
+    """An EvalContext over ``eval_manifest`` with the quick protocol at 64 px and the tiny model."""
+    from radalign.data.manifest import load_manifest
+    from radalign.evaluation.context import EvalContext
+    from radalign.evaluation.protocol import load_protocol
+    from radalign.inference import load
+
+    protocol = load_protocol("quick", {"image_size": 64, "seeds": [0, 1], "bootstrap": 50, "batch_size": 16})
+    manifest = load_manifest(eval_manifest)
+    return EvalContext(load(tiny_export), protocol, manifest.records, tmp_path / "results",
+                       vocabulary=manifest.vocabulary)  # fmt: skip

@@ -17,7 +17,7 @@ def test_help_lists_every_subcommand(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("data", "prepare", "simulate", "demo"):
+    for command in ("data", "prepare", "simulate", "tokenizer", "pretrain", "demo"):
         assert command in out
 
 
@@ -79,3 +79,26 @@ def test_prepare_caches_every_image_and_reuses_them(simulated, tmp_path):
     main(["prepare", "--data", str(simulated / "manifest.csv"), "--out", str(cache), "--size", "32", "--workers", "1"])
     second = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != "index.json"}
     assert second == first  # nothing rewritten
+
+
+def test_options_take_dashes_or_underscores(tmp_path):
+    from radalign.cli import _underscored
+
+    assert _underscored("--max-steps") == "--max_steps"
+    assert _underscored("--loader.batch-size=4") == "--loader.batch_size=4"
+    assert _underscored("runs/my-vocab") == "runs/my-vocab" and _underscored("-1") == "-1"
+
+
+def test_demo_writes_a_report_with_both_models_and_chance(tmp_path):
+    import re
+
+    from radalign.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", n=24, steps=3, size=64)
+    assert result.steps == 3
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| measure | chance | untrained | pre-trained |" in report
+    row = re.search(r"\| retrieval i2t_R@10 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", report)
+    assert row is not None and float(row.group(1)) == pytest.approx(min(1.0, 10 / result.before.n), abs=1e-3)
+    assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "run" / "export" / "model.safetensors").is_file()

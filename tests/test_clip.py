@@ -150,3 +150,24 @@ def test_pretrain_cli_overrides_and_rejects_unknown_keys(simulated_manifest, tmp
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.loader.image_size == 32 and saved.trainer.max_steps == 2
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_tokenizer_train_cli_feeds_a_tiny_random_bert(simulated_manifest, tmp_path):
+    from radalign.cli import main
+    from radalign.data.tokenization import load_tokenizer
+
+    main(["tokenizer", "train", "--data", str(simulated_manifest), "--out", str(tmp_path / "vocab"),
+          "--vocab_size", "300"])  # fmt: skip
+    tokenizer = load_tokenizer(str(tmp_path / "vocab"))
+    assert 50 < len(tokenizer) <= 300
+    assert tokenizer.tokenize("pneumothorax") != ["[UNK]"]  # a word of the simulated reports is in the vocabulary
+    main(["pretrain", "--config", str(find_config("clip-tiny")), "--data", str(simulated_manifest),
+          "--out", str(tmp_path / "run"), "--max-steps", "2", "--loader.image_size", "32", "--loader.batch_size", "4",
+          "--model.text.name", "tiny", "--model.text.freeze_layers", "0", "--model.text.freeze_embeddings", "false",
+          "--loader.tokenizer", str(tmp_path / "vocab"),
+          "--trainer.progress", "false"])  # fmt: skip
+    from radalign.inference import load
+
+    model = load(tmp_path / "run" / "export")
+    embed_dim = load_config(find_config("clip-tiny")).model.embed_dim
+    assert model.encode_texts(["Small left pneumothorax."]).shape == (1, embed_dim)

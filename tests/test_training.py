@@ -94,6 +94,33 @@ def test_stage_weights_switch_at_their_step():
     assert config.weights_at(10, 0) == {"a": 0.25, "b": 0.5}
 
 
+def test_a_stage_boundary_recreates_the_optimiser_and_says_so(simulated_manifest, tmp_path, caplog):
+    import lightning as L
+
+    from radalign.training.run import pretrain
+
+    seen = []
+
+    class Watch(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            steps_taken = max((float(v["step"]) for v in optimizer.state.values()), default=0.0)
+            seen.append((trainer.global_step, steps_taken, optimizer.param_groups[0]["lr"]))
+
+    config = toy_config(simulated_manifest)
+    config.stages = [StageConfig(name="with-norm", start_step=3, weights={"norm": 1.0}, reset_optimizer=True)]
+    with caplog.at_level("INFO", logger="radalign"):
+        pretrain(config, tmp_path / "run", callbacks=[Watch()])
+    assert "stage 1 (with-norm) begins at step 3: losses fit x 1, norm x 1; optimiser and schedule re-created" in (
+        caplog.text
+    )
+    by_step = {step: (moments, lr) for step, moments, lr in seen}
+    assert by_step[2][0] == 2 and by_step[3][0] == 0  # step 3 starts from an optimiser with no Adam moments
+    # the fresh schedule warms up again: step 3's learning rate is the first warm-up value, as at step 0
+    assert by_step[3][1] == pytest.approx(by_step[0][1]) and by_step[3][1] < by_step[2][1]
+    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/stage" in metrics and "train/norm" in metrics
+
+
 def test_learning_rate_warms_up_then_follows_a_cosine():
     values = [lr_lambda(s, warmup_steps=4, total_steps=20, schedule="cosine", min_ratio=0.1) for s in range(20)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]

@@ -137,6 +137,43 @@ def simulate(
         get_logger().info(f"wrote {contact_sheet(out)}")
 
 
+def tokenizer_train(
+    *,
+    data: Path,
+    out: Path,
+    vocab_size: int = 2000,
+    lowercase: bool = True,
+    min_frequency: int = 1,
+    split: str | None = "train",
+) -> None:
+    """Train a WordPiece vocabulary on a manifest's reports, offline (for a tiny random BERT: text.name 'tiny').
+
+        radalign tokenizer train --data sim/manifest.csv --out runs/vocab
+        radalign pretrain --config configs/methods/clip-tiny.yaml --model.text.name tiny \\
+            --loader.tokenizer runs/vocab ...
+
+    Args:
+        data: Manifest (.csv or .parquet) whose report texts form the corpus.
+        out: Folder for the tokenizer (loads with transformers.AutoTokenizer).
+        vocab_size: Upper bound on the vocabulary size (a small corpus gives fewer tokens).
+        lowercase: Lower-case text before tokenising.
+        min_frequency: Drop pieces seen fewer times than this.
+        split: Train on this split's reports only (so validation and test text stays unseen); '' for all rows.
+    """
+    from radalign.data.manifest import load_manifest
+    from radalign.data.tokenization import train_wordpiece
+    from radalign.errors import DataError
+    from radalign.utils.logging import get_logger
+
+    records = load_manifest(data, on_error="skip", check_files=False).records
+    texts = [r.report for r in records if r.report and (not split or r.split == split)]
+    if not texts:
+        where = f" in split {split!r}" if split else ""
+        raise DataError(f"{data}: no report text{where} to train a vocabulary on; pass --split '' to use every row")
+    tokenizer = train_wordpiece(texts, vocab_size, out, lowercase=lowercase, min_frequency=min_frequency)
+    get_logger().info(f"wrote {out}: {len(tokenizer)} tokens from {len(texts)} reports")
+
+
 def pretrain(
     *,
     data: Path,
@@ -207,6 +244,14 @@ def demo(out: Path = Path("demo_out"), n: int = 1000, steps: int = 250) -> None:
     run_demo(out, n=n, steps=steps)
 
 
+def _underscored(arg: str) -> str:
+    """``--max-steps=5`` -> ``--max_steps=5``: options take either spelling (the parser knows only underscores)."""
+    if not arg.startswith("--") or len(arg) == 2:
+        return arg
+    name, sep, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + sep + value
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
@@ -215,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {
         "data": {"check": data_check, "_help": "Dataset tools: validate and summarise manifests."},
         "prepare": prepare,
+        "tokenizer": {"train": tokenizer_train, "_help": "Tokenizers: train a WordPiece vocabulary offline."},
         "simulate": simulate,
         "pretrain": pretrain,
         "demo": demo,
@@ -225,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"radalign {__version__}")
         return
     try:
-        auto_cli(commands, args=argv, as_positional=True)
+        auto_cli(commands, args=[_underscored(arg) for arg in argv], as_positional=True)
     except RadalignError as err:
         # A user-facing problem: the message says what and how to fix it; a traceback would only bury it.
         print(f"radalign: error: {err}", file=sys.stderr)

@@ -40,6 +40,12 @@ class Scores:
     auroc: dict[str, float]
     mean_auroc: float
     retrieval: dict[str, float]
+    n: int  # items evaluated: chance Recall@K is K / n
+
+
+def chance(key: str, n: int) -> float:
+    """What a random scorer gets: AUROC 0.5, Recall@K = K / n (one correct item among n)."""
+    return min(1.0, int(key.rsplit("@", 1)[1]) / n) if "@" in key else 0.5
 
 
 @dataclass
@@ -66,7 +72,7 @@ def evaluate(method: Any, tokenizer: Any, dataset: Any, max_length: int) -> Scor
     scores = zero_shot_scores(embedded.images, classes).numpy()
     auroc = auroc_per_finding(scores, embedded.labels[:, columns], findings)
     retrieval = recall_at_k(embedded.images, embedded.texts, ks=(1, 5, 10)) if embedded.texts is not None else {}
-    return Scores(auroc, mean_auroc(auroc), retrieval)
+    return Scores(auroc, mean_auroc(auroc), retrieval, len(embedded.images))
 
 
 def run_demo(out: Path, n: int = 1000, steps: int = 250, size: int = 128) -> DemoResult:
@@ -158,14 +164,15 @@ def _print_scores(console: Any, columns: dict[str, Scores]) -> None:
 
     table = Table(title="zero-shot AUROC per finding, and image -> report retrieval")
     table.add_column("measure")
+    table.add_column("chance", justify="right", style="dim")
     for name in columns:
         table.add_column(name, justify="right")
     first = next(iter(columns.values()))
     for finding in first.auroc:
-        table.add_row(f"AUROC {finding}", *(_fmt(s.auroc[finding]) for s in columns.values()))
-    table.add_row("[b]mean AUROC[/b]", *(f"[b]{_fmt(s.mean_auroc)}[/b]" for s in columns.values()))
+        table.add_row(f"AUROC {finding}", "0.500", *(_fmt(s.auroc[finding]) for s in columns.values()))
+    table.add_row("[b]mean AUROC[/b]", "0.500", *(f"[b]{_fmt(s.mean_auroc)}[/b]" for s in columns.values()))
     for key in first.retrieval:
-        table.add_row(key, *(_fmt(s.retrieval[key]) for s in columns.values()))
+        table.add_row(key, _fmt(chance(key, first.n)), *(_fmt(s.retrieval[key]) for s in columns.values()))
     console.print(table)
 
 
@@ -208,16 +215,20 @@ def write_report(out: Path, before: Scores, after: Scores, run_dir: Path, steps:
         "# radalign demo: CLIP pre-trained on simulated chest radiographs and reports",
         "",
         f"CLIP (`configs/methods/clip-tiny.yaml`: ResNet-18 at 128 px, MiniLM partly frozen) trained for {steps} "
-        "steps on the CPU. Both models are measured on the same held-out radiographs.",
+        f"steps on the CPU. Both models are measured on the same {before.n} held-out radiographs and their reports "
+        "(i2t: image -> report, t2i: report -> image; a random scorer gets the chance column).",
         "",
-        "| measure | untrained | pre-trained |",
-        "|---|--:|--:|",
+        "| measure | chance | untrained | pre-trained |",
+        "|---|--:|--:|--:|",
     ]
-    for finding in before.auroc:
-        lines.append(f"| zero-shot AUROC {finding} | {_fmt(before.auroc[finding])} | {_fmt(after.auroc[finding])} |")
-    lines.append(f"| **mean zero-shot AUROC** | **{_fmt(before.mean_auroc)}** | **{_fmt(after.mean_auroc)}** |")
+    for f in before.auroc:
+        lines.append(f"| zero-shot AUROC {f} | 0.500 | {_fmt(before.auroc[f])} | {_fmt(after.auroc[f])} |")
+    lines.append(f"| **mean zero-shot AUROC** | 0.500 | **{_fmt(before.mean_auroc)}** | **{_fmt(after.mean_auroc)}** |")
     for key in before.retrieval:
-        lines.append(f"| retrieval {key} | {_fmt(before.retrieval[key])} | {_fmt(after.retrieval[key])} |")
+        lines.append(
+            f"| retrieval {key} | {_fmt(chance(key, before.n))} | {_fmt(before.retrieval[key])} "
+            f"| {_fmt(after.retrieval[key])} |"
+        )
     lines += ["", "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     if curve is not None:
         lines += ["![loss curve](loss_curve.png)", ""]

@@ -47,11 +47,15 @@ def tiny_bert(
 def load_text_model(name_or_path: str | Path) -> nn.Module:
     """A transformers encoder from a local folder, ``"minilm"`` (bundled, offline) or a hub name (network)."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     if str(name_or_path) == "minilm":
         from radalign.assets import minilm_path
 
         name_or_path = minilm_path()
+    # A weight-loading bar per encoder would clutter every run's and the demo's output; restore the user's choice.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as err:
@@ -59,6 +63,9 @@ def load_text_model(name_or_path: str | Path) -> nn.Module:
             f"could not load a text model from {name_or_path!r}: {err}. Pass a local folder with config.json and "
             "weights, 'minilm' for the bundled MiniLM, 'tiny' for a random tiny BERT, or a hub name (needs network)"
         ) from err
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     # from_pretrained hands back an eval-mode model; training must see dropout like the rest of the method, and
     # Lightning keeps whatever mode a module starts fit in.
     return model.train()

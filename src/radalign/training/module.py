@@ -17,6 +17,7 @@ import torch
 
 from radalign.methods.base import Method
 from radalign.training.config import PretrainConfig, stage_started
+from radalign.utils.logging import get_logger
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
@@ -73,16 +74,31 @@ class PretrainModule(L.LightningModule):
             if index in self._started_stages or not stage_started(stage, self.global_step, self.current_epoch):
                 continue
             self._started_stages.add(index)
-            if stage.reset_optimizer and self.global_step > 0:
+            reset = stage.reset_optimizer and self.global_step > 0
+            if reset:
                 # Fresh moments and a fresh schedule over the remaining steps, as PRIOR restarts at each stage.
                 self._optimizer_start_step = self.global_step
                 self.trainer.strategy.setup_optimizers(self.trainer)
-        self._tick = time.perf_counter()
+            weights = self.config.weights_at(self.global_step, self.current_epoch)
+            if self.trainer.is_global_zero:
+                get_logger().info(
+                    f"stage {index + 1} ({stage.name}) begins at step {self.global_step}: losses "
+                    + ", ".join(f"{name} x {weight:g}" for name, weight in weights.items())
+                    + ("; optimiser and schedule re-created" if reset else "")
+                )
+            self.log("train/stage", float(index + 1), batch_size=1)
+        if self._tick is None:
+            self._tick = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Wall time from one batch's end to the next one's, so data loading counts: what a user calls throughput.
+        now = time.perf_counter()
         if self._tick is not None and isinstance(batch, dict) and batch.get("batch_size"):
-            seconds = time.perf_counter() - self._tick
-            self.log("train/samples_per_s", batch["batch_size"] / max(seconds, 1e-9), prog_bar=True)
+            self.log("train/samples_per_s", batch["batch_size"] / max(now - self._tick, 1e-9), prog_bar=True)
+        self._tick = now
+
+    def on_validation_end(self) -> None:
+        self._tick = None  # the validation pass is not part of the next step's time
 
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         # Called once per optimiser step (not per micro-batch under accumulation): the EMA's natural clock.

@@ -12,6 +12,8 @@ The run folder holds everything a run produces:
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,18 +41,92 @@ class RunResult:
 
 
 def _progress_bar() -> L.Callback:
-    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks import ProgressBar
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    class StepProgressBar(RichProgressBar):
-        """Says 'step 120/300' on step-budgeted runs instead of Lightning's 'Epoch 3/-2'."""
+    class StepProgressBar(ProgressBar):
+        """One bar over the whole run's optimiser steps (not Lightning's per-epoch bar): loss, samples/s, ETA."""
 
-        def _get_train_description(self, current_epoch: int) -> str:
-            trainer = self.trainer
-            if trainer.max_steps and trainer.max_steps > 0:
-                return f"epoch {current_epoch} · step {trainer.global_step}/{trainer.max_steps}"
-            return super()._get_train_description(current_epoch)
+        def __init__(self) -> None:
+            super().__init__()
+            self._enabled = True
+            self._progress: Progress | None = None
+            self._task: Any = None
 
-    return StepProgressBar(leave=True)
+        def disable(self) -> None:
+            self._enabled = False
+
+        def enable(self) -> None:
+            self._enabled = True
+
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not self._enabled or not trainer.is_global_zero:
+                return
+            total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            self._progress = Progress(
+                TextColumn("[bold]pre-train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("steps ·"),
+                TimeElapsedColumn(),
+                TextColumn("· ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=int(total), completed=trainer.global_step, stats="")
+
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+            if self._progress is None:
+                return
+            metrics = trainer.callback_metrics
+            parts = []
+            for key, label, fmt in (
+                ("train/loss", "loss", ".3f"),
+                ("val/loss", "val", ".3f"),
+                ("train/samples_per_s", "samples/s", ".1f"),
+            ):
+                if key in metrics:
+                    parts.append(f"{label} {float(metrics[key]):{fmt}}")
+            self._progress.update(self._task, completed=trainer.global_step, stats=" · ".join(parts))
+
+        def _stop(self) -> None:
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._stop()
+
+        def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+            self._stop()
+
+    return StepProgressBar()
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning's rank-zero log advertises a cloud service on every run; the rest of its messages stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+def _quiet_lightning(config: PretrainConfig) -> None:
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdverts())
+    # Raised inside Lightning's own pytree helper on every fit with recent torch: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    if config.ema.modules:
+        # EMA teachers stay in eval mode on purpose (no dropout, frozen BatchNorm statistics).
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
@@ -109,6 +185,7 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    _quiet_lightning(config)
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
     module = PretrainModule(config, method)
