@@ -230,6 +230,60 @@ def pretrain(
     run_pretrain(config, out, resume=resume)
 
 
+def evaluate(
+    *,
+    model: Path,
+    protocol: str = "quick",
+    out: Path,
+    data: Path | None = None,
+    cache: Path | None = None,
+    tasks: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> None:
+    """Evaluate a pre-trained model under a named protocol; writes OUT/results.json and OUT/report.md.
+
+        radalign evaluate --model runs/clip/export --protocol quick --data sim/manifest.csv --out runs/clip/eval
+
+    Args:
+        model: An export folder (<run>/export) or a run folder holding one.
+        protocol: A shipped protocol name (quick, mgca, lovt, prior) or a protocol YAML (docs/evaluation.md).
+        out: Results folder: results.json, report.md, figures/.
+        data: The manifest to evaluate on (overrides the protocol's).
+        cache: A `radalign prepare` cache of that manifest (faster image loading).
+        tasks: Run only these tasks of the protocol, e.g. [zero_shot, retrieval].
+        overrides: Protocol overrides by dotted key, e.g. '{"seeds": [0], "tasks.linear_probe.epochs": 5}'.
+        device: cpu, cuda or cuda:N.
+    """
+    from radalign.evaluation.run import evaluate as run_evaluate
+
+    run_evaluate(model, protocol, out, data=data, cache_dir=cache, overrides=overrides, tasks=tasks, device=device)
+
+
+def compare(runs: list[Path], out: Path | None = None) -> None:
+    """Put several evaluation results side by side (models as rows, tasks as columns).
+
+    Results from different protocols or data go in separate tables, with a warning: they are not comparable.
+
+    Args:
+        runs: Evaluation output folders (or their results.json files).
+        out: Also write the markdown table to this file.
+    """
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from radalign.evaluation.report import compare_table
+    from radalign.evaluation.run import load_results
+    from radalign.utils.logging import get_logger
+
+    table, warnings = compare_table([load_results(r) for r in runs])
+    for warning in warnings:
+        get_logger().warning(warning)
+    Console(width=200).print(Markdown(table))
+    if out is not None:
+        out.write_text(table, encoding="utf-8")
+
+
 def demo(out: Path = Path("demo_out"), n: int = 1000, steps: int = 250) -> None:
     """Run the demo: simulate paired data from the real chest CT, pre-train CLIP on the CPU, compare with the
     untrained model (zero-shot AUROC, retrieval) and write OUT/report.md with the loss curve.
@@ -263,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         "tokenizer": {"train": tokenizer_train, "_help": "Tokenizers: train a WordPiece vocabulary offline."},
         "simulate": simulate,
         "pretrain": pretrain,
+        "evaluate": evaluate,
+        "compare": compare,
         "demo": demo,
     }
     if argv is None:
