@@ -161,7 +161,8 @@ def test_every_finding_kind_has_2d_and_3d_masks_boxes_and_a_label(tmp_path):
     assert not manifest.problems
     for record in manifest.records:
         regions = json.loads(record.regions_path.read_text())["regions"]
-        assert {r["finding"] for r in regions} == set(FINDING_KINDS), record.id
+        assert {r["kind"] for r in regions} == set(FINDING_KINDS), record.id
+        assert all(r["finding"] == KIND_LABELS[r["kind"]][0] for r in regions)  # label keys, as DenseDataset needs
         for region in regions:
             mask = read_image(record.regions_path.parent / region["mask"]).array > 0.5
             assert mask.any(), (record.id, region["name"])
@@ -173,5 +174,5 @@ def test_every_finding_kind_has_2d_and_3d_masks_boxes_and_a_label(tmp_path):
                 assert mask.shape == read_image(record.image_paths[0]).shape
                 z0, z1 = region["slices"]
                 assert np.flatnonzero(mask.any(axis=(0, 1)))[[0, -1]].tolist() == [z0, z1]
-            for label in KIND_LABELS[region["finding"]]:
-                assert record.labels[label] == 1, (record.id, region["finding"], label)
+            for label in KIND_LABELS[region["kind"]]:
+                assert record.labels[label] == 1, (record.id, region["kind"], label)

@@ -2,7 +2,8 @@
 
 A method never owns a training loop: ``training.module.PretrainModule`` weights its losses with the config's
 stage schedule, optimises, logs and checkpoints. Evaluation reads a method only through ``encode_images`` and
-``encode_texts`` (L2-normalised global embeddings in the shared space) and the encoder outputs.
+``encode_texts`` (L2-normalised global embeddings in the shared space), ``encode_image_locals`` (local ones, for
+phrase grounding) and the encoder outputs.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class Method(nn.Module):
     def encode_texts(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised text (the batch's ``TEXT_KEYS``) -> (B, embed_dim) L2-normalised."""
         raise NotImplementedError
+
+    def encode_image_locals(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(B, C, H, W) -> ((B, N, embed_dim) L2-normalised local embeddings in the shared space, grid_shape);
+        phrase grounding compares them with ``encode_texts`` outputs."""
+        raise NotImplementedError(
+            f"method '{self.config.method}' ({type(self).__name__}) does not define encode_image_locals, so it has "
+            "no local embeddings in the shared image-text space; dense text tasks (phrase grounding) need them"
+        )
 
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging besides the losses (e.g. a learnable temperature)."""

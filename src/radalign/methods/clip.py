@@ -37,6 +37,13 @@ class CLIP(Method):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_head(self.image_encoder(images).global_emb), dim=-1)
 
+    def encode_image_locals(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        # CLIP never aligns local features, so the standard dense-CLIP reading is used: the image projection head
+        # applied to every cell. For a CNN with a linear head, the mean of the projected cells is exactly the
+        # projected global (global = mean of locals): before per-cell normalisation, the cells split the global.
+        out = self.image_encoder(images)
+        return F.normalize(self.image_head(out.local), dim=-1), tuple(out.grid_shape)
+
     def encode_texts(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.text_encoder(
             text["input_ids"],

@@ -30,7 +30,7 @@ from radalign.data.simulate.anatomy import load_anatomy
 from radalign.data.simulate.drr import attenuation_line_integral, to_pa_display
 from radalign.data.simulate.findings import Finding, sample_findings, validate_prevalences
 from radalign.data.simulate.lesions import Workspace, insert
-from radalign.data.simulate.report import write_report
+from radalign.data.simulate.report import KIND_LABELS, finding_phrase, write_report
 from radalign.errors import ConfigError
 
 WORKING_SPACING = (2.0, 2.0, 2.5)  # mm: the source CT's slice spacing is 2.5 mm, finer X/Y buys nothing at 224 px
@@ -181,16 +181,18 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
     sample_id = f"sim{config.seed}-{index:05d}"
     report = write_report(findings, rng)
     split = _split(rng, config.splits)
+    phrases = [finding_phrase(report, i, f.kind) for i, f in enumerate(findings)]  # grounding's text per mask
 
     regions = []
-    for name, finding, mask in zip(names, findings, masks3d, strict=True):
+    for name, finding, mask, phrase in zip(names, findings, masks3d, phrases, strict=True):
         projected = to_pa_display(mask.any(axis=1).astype(np.float32))
         mask2d = _warp(projected, grid) >= 0.5
         mask_file = f"masks/{sample_id}_{name}.png"
         io.write_png16(out / mask_file, mask2d.astype(np.float32))
         regions.append(
             {
-                "finding": finding.kind,
+                "finding": KIND_LABELS[finding.kind][0],  # the label key, as every region file uses
+                "kind": finding.kind,
                 "name": name,
                 "box": _box(mask2d),
                 "mask": f"../{mask_file}",  # relative to the regions file
@@ -199,6 +201,7 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
                 "size_mm": finding.size_mm,
                 "severity": finding.severity,
                 "certainty": finding.certainty,
+                "phrase": phrase,
             }
         )
     pixel_mm = max(in_mm) / config.size
@@ -215,7 +218,7 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
     rows = [{"id": f"{sample_id}-cxr", "image": image_file, "modality": "xray", "view": "PA",
              "regions": region_file, **base_row}]  # fmt: skip
     if config.with_3d:
-        rows.append(_write_volume(ws, hu, masks3d, findings, variant, config, out, sample_id, base_row))
+        rows.append(_write_volume(ws, hu, masks3d, findings, phrases, variant, config, out, sample_id, base_row))
     return SampleResult(index, rows)
 
 
@@ -229,6 +232,7 @@ def _write_volume(
     hu: np.ndarray,
     masks: list[np.ndarray],
     findings: list[Finding],
+    phrases: list[str | None],
     variant: Variant,
     config: SimulationConfig,
     out: Path,
@@ -265,7 +269,7 @@ def _write_volume(
     volume_file = f"volumes/{sample_id}.nii.gz"
     io.write_nifti(out / volume_file, Image(deformed.numpy(), out_spacing, Modality.CT, "hu", "RAS"))
     regions = []
-    for name, finding, mask in zip(finding_names(findings), findings, masks, strict=True):
+    for name, finding, mask, phrase in zip(finding_names(findings), findings, masks, phrases, strict=True):
         warped = F.grid_sample(torch.from_numpy(mask.astype(np.float32))[None, None], grid, align_corners=False)
         mask_file = f"volumes/{sample_id}_{name}.nii.gz"
         io.write_nifti(
@@ -275,12 +279,14 @@ def _write_volume(
         z = np.flatnonzero((warped[0, 0] >= 0.5).any(dim=0).any(dim=0).numpy())
         regions.append(
             {
-                "finding": finding.kind,
+                "finding": KIND_LABELS[finding.kind][0],  # the label key, as every region file uses
+                "kind": finding.kind,
                 "name": name,
                 "mask": f"../{mask_file}",
                 "side": finding.side,
                 "location": finding.location,
                 "slices": [int(z.min()), int(z.max())] if z.size else None,  # axial slice range in this volume
+                "phrase": phrase,
             }
         )
     region_file = f"regions/{sample_id}-ct.json"

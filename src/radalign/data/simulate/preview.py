@@ -12,7 +12,7 @@ from radalign.data.manifest import load_manifest, load_regions
 COLOURS = {
     "nodule": "#ffd400", "mass": "#ff8c00", "consolidation": "#00e5ff", "atelectasis": "#7cfc00",
     "pleural_effusion": "#1e90ff", "pneumothorax": "#ff1493", "cardiomegaly": "#ff4500", "edema": "#da70d6",
-    "support_device": "#adff2f",
+    "support_devices": "#adff2f",
 }  # fmt: skip
 
 

@@ -4,7 +4,8 @@ Design decisions (docs/simulated-data.md):
 
 - Wording is data (``report_templates.py``); this module decides what to say. Every sentence records what it
   asserts, as (label key, value) pairs (``ReportSentence.mentions``), and the labels are computed from those
-  assertions only, so the text and the labels cannot drift apart.
+  assertions only, so the text and the labels cannot drift apart. A finding's sentence also records which finding
+  it describes (``source``), so each region can carry its phrase (``finding_phrase``) for grounding.
 - Shape. ``text`` is ``"FINDINGS: ...\\n\\nIMPRESSION: ..."``, which ``radalign.data.reports.parse_report`` splits
   into exactly the sentences recorded here. FINDINGS has four blocks in one of a few radiologist orders:
   devices (with tip position), heart and mediastinum, lungs and pleura, bones. Each finding gets one sentence,
@@ -74,6 +75,7 @@ class ReportSentence:
     section: str  # "FINDINGS" | "IMPRESSION"
     text: str
     mentions: tuple[Mention, ...] = ()  # what the sentence asserts: (label key, 1 / -1 / 0)
+    source: int | None = None  # index of the one finding the sentence describes (regions' "phrase" uses it)
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class _Writer:
             # the impression names the pneumonia itself ("Right lower lobe pneumonia.")
             templates = T.IMPRESSION_SENTENCES["pneumonia"][interpretation]
             mention = ("pneumonia", _PNEUMONIA_VALUE[interpretation])
-            return ReportSentence(section, _fill(self.rng, templates, fields), (mention,))
+            return ReportSentence(section, _fill(self.rng, templates, fields), (mention,), i)
         table = T.FINDING_SENTENCES if section == "FINDINGS" else T.IMPRESSION_SENTENCES
         text = _fill(self.rng, _templates(table, key, f), fields)
         # the impression always carries the interpretation; FINDINGS half the time, and only for a definite one
@@ -201,7 +203,7 @@ class _Writer:
         if interpretation != "none" and says_it:
             text = text[:-1] + _pick(self.rng, T.PNEUMONIA_SUFFIX[interpretation]) + "."
             mentions.append(("pneumonia", _PNEUMONIA_VALUE[interpretation]))
-        return ReportSentence(section, text, tuple(mentions))
+        return ReportSentence(section, text, tuple(mentions), i)
 
     def findings_sentences(self, indices: Sequence[int], section: str) -> list[ReportSentence]:
         nodules, out = 0, []
@@ -377,6 +379,19 @@ def _labels(mentions: Sequence[Mention], unmentioned: int | None) -> dict[str, i
     if unknown:
         raise RuntimeError(f"simulated report labels {sorted(unknown)} outside DEFAULT_FINDINGS")
     return {key: labels[key] for key in DEFAULT_FINDINGS if key in labels}
+
+
+def finding_phrase(report: SimulatedReport, index: int, kind: str) -> str | None:
+    """The sentence that asserts finding ``index`` (of kind ``kind``), verbatim: FINDINGS first, else IMPRESSION.
+
+    Only a sentence mentioning the finding's own label counts (an impression that names just the pneumonia does
+    not); a hedged finding's hedged sentence does. None if the report never describes it alone (CHF merge)."""
+    key = KIND_LABELS[kind][0]
+    for section in ("FINDINGS", "IMPRESSION"):
+        for s in report.sentences:
+            if s.section == section and s.source == index and any(k == key and v != NEGATIVE for k, v in s.mentions):
+                return s.text
+    return None
 
 
 def write_report(
