@@ -28,7 +28,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         f"- data: `{data['manifest']}` (sha256 {data['sha256']}; records {data['records']})",
         f"- radalign {results['radalign_version']}, torch {results['environment']['torch']}, "
         f"{results['environment']['device']}; {results['created']}; {results.get('seconds', 0) / 60:.1f} min",
-        f"- {protocol.get('description') or ''} Intervals: 95% bootstrap `[low, high]` over "
+        f"- protocol: {protocol.get('description') or protocol['name']}. Intervals: 95% bootstrap `[low, high]` over "
         f"{protocol['bootstrap']} resamples; `±` is the standard deviation over seeds {protocol['seeds']}.",
         "",
     ]

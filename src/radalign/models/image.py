@@ -121,6 +121,7 @@ class TimmImageEncoder(nn.Module):
             self._load_file(pretrained)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         self.out_dim = int(self.model.num_features)
+        self.pyramid_channels, self.pyramid_strides = _pyramid_levels(self.model)
         self._last_block_input: Tensor | None = None
         self._attn_block = self._find_attention_block()
         if self._attn_block is not None:
@@ -184,6 +185,22 @@ class TimmImageEncoder(nn.Module):
         side = round(n**0.5)
         return (side, side) if side * side == n else (1, n)
 
+    def pyramid(self, images: Tensor) -> list[Tensor]:
+        """Feature maps, fine to coarse, for dense heads: (B, C_i, H / s_i, W / s_i) with C_i, s_i in
+        ``pyramid_channels`` / ``pyramid_strides``. ViTs give one map: the final (normed) patch tokens on their grid."""
+        if not self.pyramid_strides or not hasattr(self.model, "forward_intermediates"):
+            raise ConfigError(
+                f"image encoder {self.name}: timm gives no feature pyramid for it (no feature_info / "
+                "forward_intermediates); use a timm CNN or ViT for segmentation and detection"
+            )
+        single = len(self.pyramid_strides) == 1
+        # norm only for single-scale models: their last map then equals forward()'s local tokens
+        maps = self.model.forward_intermediates(
+            images, indices=len(self.pyramid_strides), norm=single, intermediates_only=True
+        )
+        self._last_block_input = None  # the ViT attention hook fired: drop its input rather than hold it
+        return list(maps)
+
     def forward(self, images: Tensor) -> ImageOutput:
         """images (B, C, H, W) -> global (B, D), local (B, N, D), grid (h, w), [CLS] attention for ViTs."""
         if images.ndim != 4 or images.shape[1] != self.in_chans:
@@ -207,6 +224,17 @@ class TimmImageEncoder(nn.Module):
         attention = self._cls_attention()
         grid = self._grid(local.shape[1], (images.shape[2], images.shape[3]))
         return ImageOutput(global_emb, local, full_mask(b, local.shape[1], local.device), grid, attention)
+
+
+def _pyramid_levels(model: nn.Module) -> tuple[list[int], list[int]]:
+    """(channels, strides) of a timm model's feature levels; a model whose levels share one stride (a ViT's
+    blocks) has one level, its last block."""
+    info = getattr(model, "feature_info", None)
+    if not info or not isinstance(info, list) or not all(isinstance(i, dict) and "reduction" in i for i in info):
+        return [], []
+    if len({int(i["reduction"]) for i in info}) == 1:
+        info = info[-1:]
+    return [int(i["num_chs"]) for i in info], [int(i["reduction"]) for i in info]
 
 
 class Volume3DEncoder(nn.Module):
