@@ -162,3 +162,30 @@ def test_a_3d_model_is_evaluated_on_volumes(tmp_path):
     recall = results["tasks"]["retrieval"]["metrics"]["i2t_R@10"]["value"]
     assert recall == pytest.approx(1.0)  # at most 10 test volumes: every report is within the top 10
     assert "error" not in results["tasks"]["zero_shot"]
+
+
+def test_a_methods_local_score_is_added_to_the_global_one(eval_context, monkeypatch):
+    from radalign.errors import ConfigError
+    from radalign.evaluation.zero_shot import _local_scores
+
+    findings = ["cardiomegaly", "edema"]
+    prompts = prompt_set(findings, {"prompts": "pairs"})
+    with pytest.raises(ConfigError, match="local_weight"):  # CLIP is global-only
+        _local_scores(eval_context, prompts)
+
+    def tokens_as_score(images, text):  # a "local score" that identifies each prompt: its token count
+        return text["attention_mask"].sum(dim=1).float()[None].expand(len(images), -1)
+
+    monkeypatch.setattr(eval_context.method, "local_similarity", tokens_as_score)
+    local = _local_scores(eval_context, prompts)
+    n_test = len(eval_context.embedded("test", text=False).ids)
+    for finding, (positive, _) in prompts.items():
+        count = eval_context.model.tokenize(list(positive))["attention_mask"].sum(dim=1).float().mean()
+        assert local[finding][0].shape == (n_test,) and torch.allclose(local[finding][0], count.expand(n_test))
+    images = eval_context.embedded("test", text=False).images
+    plain = score_images(images, eval_context.model.encode_texts, prompts, 0.07)
+    shifted = score_images(images, eval_context.model.encode_texts, prompts, 0.07, local=local, local_weight=0.01)
+    # the pair softmax moves towards the side whose prompts got the larger local score
+    for k, finding in enumerate(prompts):
+        sign = np.sign(float(local[finding][0][0] - local[finding][1][0]))
+        assert np.all(np.sign(shifted[:, k] - plain[:, k]) == sign)

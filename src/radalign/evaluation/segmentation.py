@@ -4,7 +4,8 @@ Params (defaults in ``DEFAULTS``): ``heads`` — "linear" (LoVT's linear segment
 map + bilinear upsampling) and/or "unet" (MONAI's U-Net decoder, the segmentation_models_pytorch design MGCA uses,
 on the encoder's feature pyramid); ``findings`` (default: every finding with a mask in train); ``epochs``, ``lr``,
 ``weight_decay``, ``batch_size`` (AdamW); ``loss`` — "mgca" (10 x focal - log(soft Dice)) or "dice" (1 - soft Dice,
-LoVT); ``freeze_encoder``; ``patience`` (early stopping on the val loss; the best epoch is tested).
+LoVT); ``freeze_encoder``; ``patience`` (early stopping on the val loss; the best epoch is tested); ``decoder_width``
+(U-Net channels of the coarsest block, halved per block; 256 = smp).
 
 Dice and empty masks. Per test image and finding, with the prediction = sigmoid > 0.5:
 - the finding is present: Dice = 2|P ∩ G| / (|P| + |G|);
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "loss": "mgca",
     "freeze_encoder": True,
     "patience": 10,
+    "decoder_width": 256,  # U-Net channels at the coarsest block, halved per block (smp: 256 .. 16)
 }
 HEADS = ("linear", "unet")
 LOSSES = ("mgca", "dice")
@@ -114,7 +116,9 @@ class UNetHead(nn.Module):
     logit per finding. Strides the encoder lacks (all but one for a ViT) get zero-channel skips: those blocks only
     upsample, which makes the ViT case a progressive-upsampling (SETR-PUP-like) decoder."""
 
-    def __init__(self, channels: Sequence[int], strides: Sequence[int], n_out: int, size: int) -> None:
+    def __init__(
+        self, channels: Sequence[int], strides: Sequence[int], n_out: int, size: int, width: int = 256
+    ) -> None:
         super().__init__()
         from monai.networks.nets.flexible_unet import UNetDecoder
 
@@ -129,7 +133,7 @@ class UNetHead(nn.Module):
         self.level_of = {s: i for i, s in enumerate(strides)}
         self.all_strides = [2**i for i in range(self.blocks + 1)]  # 1 .. top; stride 1 is only a placeholder
         encoder_channels = [channels[self.level_of[s]] if s in self.level_of else 0 for s in self.all_strides]
-        decoder_channels = [max(16, 256 >> i) for i in range(self.blocks)]  # smp's (256, 128, 64, 32, 16)
+        decoder_channels = [max(8, width >> i) for i in range(self.blocks)]  # width 256: smp's (256, ..., 16)
         self.decoder = UNetDecoder(
             spatial_dims=2, encoder_channels=encoder_channels, decoder_channels=decoder_channels,
             act=("relu", {"inplace": True}), norm=("batch", {"eps": 1e-3, "momentum": 0.1}), dropout=0.0,
@@ -158,7 +162,7 @@ def head_levels(head: str, n_levels: int) -> list[int]:
 class Segmenter(nn.Module):
     """Encoder pyramid + head; ``levels`` are the pyramid levels the head reads."""
 
-    def __init__(self, pyramid: EncoderPyramid, head: str, n_out: int, size: int) -> None:
+    def __init__(self, pyramid: EncoderPyramid, head: str, n_out: int, size: int, width: int = 256) -> None:
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"segmentation: unknown head {head!r}; use one of {', '.join(HEADS)}")
@@ -167,7 +171,7 @@ class Segmenter(nn.Module):
         channels = [pyramid.channels[i] for i in self.levels]
         strides = [pyramid.strides[i] for i in self.levels]
         linear = head == "linear"
-        self.head = LinearHead(channels[-1], n_out, size) if linear else UNetHead(channels, strides, n_out, size)
+        self.head = LinearHead(channels[-1], n_out, size) if linear else UNetHead(channels, strides, n_out, size, width)
 
     def forward(self, images: Tensor) -> Tensor:
         maps = self.pyramid(images)
@@ -208,7 +212,8 @@ def run_segmentation(ctx: Any, spec: Any) -> Any:
         for seed in ctx.protocol.seeds:
             torch.manual_seed(seed)
             pyramid = EncoderPyramid(ctx.method.image_encoder, freeze=frozen)
-            model = Segmenter(pyramid, head, len(findings), ctx.protocol.image_size).to(ctx.device)
+            model = Segmenter(pyramid, head, len(findings), ctx.protocol.image_size, params["decoder_width"])
+            model = model.to(ctx.device)
             result = fit(
                 model, lambda epoch, seed=seed: shuffled(len(splits["train"]), params["batch_size"], (seed, epoch)),
                 lambda idx, model=model: inputs.loss(model, "train", idx),

@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "custom": {},
     "findings": [],
     "temperature": 0.07,
+    "local_weight": 0.0,  # GLoRIA / PRIOR: score = global + local_weight x the method's local similarity
 }
 
 
@@ -144,18 +145,59 @@ def zero_shot_scores(image_embeddings: torch.Tensor, classes: torch.Tensor, temp
 
 
 def score_images(
-    images: torch.Tensor, encode_texts: Callable[[list[str]], torch.Tensor], prompts: Mapping[str, Any], temp: float
+    images: torch.Tensor,
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    prompts: Mapping[str, Any],
+    temp: float,
+    *,
+    local: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    local_weight: float = 0.0,
 ) -> np.ndarray:
-    """(N, D) image embeddings -> (N, K) scores: pair softmax where a class has negatives, else cosine."""
+    """(N, D) image embeddings -> (N, K) scores: pair softmax where a class has negatives, else cosine.
+
+    ``local``: per class, (N,) local similarities of the positive (and negative) prompts, added with
+    ``local_weight`` to the global cosine before the pair softmax.
+    """
     columns = []
-    for positive, negative in prompts.values():
-        pos = _mean_embedding(encode_texts, positive)
-        if negative:
-            pair = torch.stack([pos, _mean_embedding(encode_texts, negative)])[None]
-            columns.append(zero_shot_scores(images, pair, temp)[:, 0])
+    for finding, (positive, negative) in prompts.items():
+        pos_sim = images @ _mean_embedding(encode_texts, positive)
+        neg_sim = images @ _mean_embedding(encode_texts, negative) if negative else None
+        if local is not None:
+            local_pos, local_neg = local[finding]
+            pos_sim = pos_sim + local_weight * local_pos
+            if neg_sim is not None and local_neg is not None:
+                neg_sim = neg_sim + local_weight * local_neg
+        if neg_sim is None:
+            columns.append(pos_sim)
         else:
-            columns.append(images @ pos)
+            columns.append(torch.stack([pos_sim, neg_sim], dim=1).div(temp).softmax(dim=1)[:, 0])
     return torch.stack(columns, dim=1).numpy()
+
+
+@torch.no_grad()
+def _local_scores(ctx: Any, prompts: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per class, the method's local similarity of every test image with its prompts, averaged over prompts."""
+    from radalign.errors import ConfigError
+
+    texts = sorted({t for positive, negative in prompts.values() for t in (*positive, *negative)})
+    tokens = {k: v.to(ctx.device) for k, v in ctx.model.tokenize(texts).items() if k != "n_sentences"}
+    rows = []
+    for batch in ctx.loader(ctx.dataset("test")):
+        if batch["batch_size"]:
+            sim = ctx.method.local_similarity(batch["image"].to(ctx.device), tokens)
+            if sim is None:
+                raise ConfigError(
+                    f"zero_shot: local_weight is set but method {ctx.method.config.method!r} has no local "
+                    "similarity (global-only methods: leave local_weight at 0)"
+                )
+            rows.append(sim.float().cpu())
+    table = torch.cat(rows)  # (N, P) in the order of ``texts``; the same test order as ``ctx.embedded``
+    column = {t: i for i, t in enumerate(texts)}
+
+    def mean_over(group: list[str]) -> torch.Tensor | None:
+        return table[:, [column[t] for t in group]].mean(dim=1) if group else None
+
+    return {f: (mean_over(list(p)), mean_over(list(n))) for f, (p, n) in prompts.items()}
 
 
 def auroc_per_finding(scores: np.ndarray, labels: np.ndarray, findings: Sequence[str]) -> dict[str, float]:
@@ -183,7 +225,9 @@ def run_zero_shot(ctx: Any, spec: Any) -> Any:
         raise ConfigError(f"zero_shot: none of the findings {params['findings']} is a label of the manifest")
     labels = embedded.labels[:, [embedded.vocabulary.index(f) for f in findings]]
     prompts = prompt_set(findings, params)
-    scores = score_images(embedded.images, ctx.model.encode_texts, prompts, params["temperature"])
+    local = _local_scores(ctx, prompts) if params["local_weight"] else None
+    scores = score_images(embedded.images, ctx.model.encode_texts, prompts, params["temperature"],
+                          local=local, local_weight=params["local_weight"])  # fmt: skip
     resamples = ctx.protocol.bootstrap
     if params["mode"] == "multiclass":
         result = _multiclass(ctx, spec, scores, labels, findings, resamples)

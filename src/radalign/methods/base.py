@@ -63,6 +63,11 @@ class Method(nn.Module):
             "no local embeddings in the shared image-text space; dense text tasks (phrase grounding) need them"
         )
 
+    def local_similarity(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, ...) images x (P,) tokenised texts -> (B, P) local image-text scores, or None for global-only
+        methods. Zero-shot adds ``local_weight`` x this to the global similarity (GLoRIA, PRIOR)."""
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging besides the losses (e.g. a learnable temperature)."""
         return {}
