@@ -171,3 +171,17 @@ def test_tokenizer_train_cli_feeds_a_tiny_random_bert(simulated_manifest, tmp_pa
     model = load(tmp_path / "run" / "export")
     embed_dim = load_config(find_config("clip-tiny")).model.embed_dim
     assert model.encode_texts(["Small left pneumothorax."]).shape == (1, embed_dim)
+
+
+def test_loading_an_export_needs_no_training_stack(tiny_export):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, radalign\n"
+        f"model = radalign.load({str(tiny_export)!r})\n"
+        "assert model.encode_images(torch.rand(1, 1, 64, 64)).shape[0] == 1\n"
+        "print(sorted(m for m in ('lightning', 'lightning.pytorch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

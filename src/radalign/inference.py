@@ -77,7 +77,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
 
     from radalign.data.tokenization import load_tokenizer
     from radalign.methods.registry import build_method
-    from radalign.training.run import config_from_export
+    from radalign.training.export import config_from_export
 
     folder = Path(path)
     if (folder / "export" / "config.json").is_file():
