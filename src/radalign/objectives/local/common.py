@@ -1,0 +1,38 @@
+"""Pieces every local-alignment objective uses: masked softmax / log-sum-exp and grid geometry."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NEG = -1e4  # a large negative logit that stays finite in half precision (no NaN from all-masked rows)
+
+
+def masked_fill_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """``logits`` with positions where ``mask`` (broadcastable, True = keep) is False set to a large negative."""
+    return logits.masked_fill(~mask, NEG)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` ignoring masked positions; an all-masked slice gives zeros, not NaN."""
+    weights = masked_fill_logits(logits, mask).softmax(dim=dim)
+    return weights * mask.to(weights.dtype)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Mean over ``dim`` of the positions where ``mask`` is True; 0 where none is."""
+    m = mask.to(values.dtype)
+    return (values * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def grid_positions(grid_shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+    """(N, len(grid_shape)) integer coordinates of the cells of a grid in row-major order (the ``local`` order)."""
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in grid_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid_shape))
+
+
+def normalised_grid_distances(grid_shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+    """(N, N) Euclidean distances between cells divided by the grid diagonal sqrt(sum of squared sides) (LoVT)."""
+    positions = grid_positions(grid_shape, device)
+    diagonal = torch.tensor([float(s) for s in grid_shape], device=device).pow(2).sum().sqrt()
+    return torch.cdist(positions, positions) / diagonal
