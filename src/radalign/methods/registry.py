@@ -20,10 +20,16 @@ def register(*names: str):
     return wrap
 
 
+BUILTIN_METHODS = ("clip",)  # modules under radalign.methods that register methods on import
+
+
 def build_method(config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> Method:
     """The method named by ``config.method``; ``for_inference`` skips loading pretrained backbone weights."""
     if config.method not in METHODS:
-        import radalign.methods.clip  # noqa: F401 - registers the built-in methods on first use
+        import importlib
+
+        for module in BUILTIN_METHODS:  # registers the built-in methods on first use
+            importlib.import_module(f"radalign.methods.{module}")
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; available: {sorted(METHODS)}")
     return METHODS[config.method](config, tokenizer, for_inference=for_inference)

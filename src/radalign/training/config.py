@@ -38,6 +38,7 @@ class TextEncoderConfig:
     freeze_layers: int = 0  # freeze the first N transformer layers
     pooling: Literal["cls", "mean", "attention"] = "cls"
     tiny: dict[str, int] = field(default_factory=dict)  # name == "tiny": hidden, layers, heads, intermediate
+    sum_last_layers: int = 1  # token features = sum of the last N hidden layers (GLoRIA: 4)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 512
     projection: Literal["linear", "mlp"] = "linear"
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific model settings, validated by the method
 
 
 @dataclass
