@@ -1,0 +1,135 @@
+"""MGCA as a radalign Method: configs, the three losses on a real batch, ViT patch weights, the stage, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import radalign.methods.mgca  # registers "mgca"; also patched below
+from radalign.training.config import find_config, load_config
+
+
+def tiny_mgca(manifest, **overrides):
+    settings = {
+        "loader.manifest": str(manifest),
+        "loader.image_size": 64,
+        "loader.batch_size": 8,
+        "loader.max_length": 48,
+        "model.text.freeze_layers": 6,
+        "trainer.progress": False,
+    }
+    settings.update(overrides)
+    return load_config(find_config("mgca-tiny"), settings)
+
+
+def first_batch(config):
+    from radalign.data.datamodule import RadDataModule
+
+    data = RadDataModule(config.loader)
+    data.setup("fit")
+    return data, next(iter(data.train_dataloader()))
+
+
+def test_configs_load_and_match_the_spec():
+    from radalign.methods.builders import build_infonce
+
+    paper, tiny = load_config(find_config("mgca")), load_config(find_config("mgca-tiny"))
+    assert paper.model.image.name == "vit_base_patch16_224" and paper.loader.batch_size == 144
+    assert float(build_infonce(paper.objectives["instance"]).temperature) == pytest.approx(0.07)
+    assert paper.objectives["prototype"]["n_prototypes"] == 500 and tiny.objectives["prototype"]["n_prototypes"] == 64
+    for config, stage in ((paper, {"start_epoch": 1}), (tiny, {"start_step": 100})):
+        before = config.weights_at(0, 0)
+        assert before == {"instance": 1.0, "token": 0.7, "prototype": 0.0}
+        after = config.weights_at(stage.get("start_step", 0), stage.get("start_epoch", 0))
+        assert after == {"instance": 1.0, "token": 0.7, "prototype": 0.5}
+
+
+def test_paper_config_builds_a_vit_b16_with_mgca_heads():
+    from radalign.methods.registry import build_method
+
+    method = build_method(load_config(find_config("mgca")), for_inference=True)
+    assert method.image_encoder.out_dim == 768 and method.prototype.prototypes.shape == (500, 128)
+    assert method.image_head.net[1].num_features == 2048  # Linear(768, 2048) -> BN -> ReLU -> Linear -> BN
+
+
+def test_losses_are_finite_and_reach_encoder_heads_and_prototypes(simulated_manifest):
+    from radalign.methods.registry import build_method
+
+    torch.manual_seed(0)
+    config = tiny_mgca(simulated_manifest)
+    data, batch = first_batch(config)
+    method = build_method(config, tokenizer=data.tokenizer)
+    losses = method.losses(batch)
+    assert set(losses) == {"instance", "token", "prototype"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    sum(losses.values()).backward()
+    heads = (method.image_head, method.text_head, method.image_local_head, method.text_local_head)
+    for module in (method.image_encoder, *heads):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert method.prototype.prototypes.grad is not None and method.prototype.prototypes.grad.abs().sum() > 0
+    method.eval()
+    images = batch["image"][:3]
+    globals_ = method.encode_images(images)
+    local, grid = method.encode_image_locals(images)
+    assert globals_.shape == (3, config.model.embed_dim) and local.shape == (3, grid[0] * grid[1], 128)
+    torch.testing.assert_close(local.norm(dim=-1), torch.ones(local.shape[:2]))
+
+
+def test_vit_patch_weights_are_its_cls_attention(simulated_manifest, monkeypatch):
+    from radalign.methods.registry import build_method
+
+    torch.manual_seed(0)
+    config = tiny_mgca(simulated_manifest, **{"model.image.name": "vit_tiny_patch16_224", "loader.batch_size": 4})
+    data, batch = first_batch(config)
+    method = build_method(config, tokenizer=data.tokenizer)
+    seen: dict[str, torch.Tensor | None] = {}
+    original = radalign.methods.mgca.mgca_token_loss
+
+    def spy(*args, **kwargs):
+        seen["patch_weights"] = kwargs["patch_weights"]
+        seen["word_weights"] = kwargs["word_weights"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(radalign.methods.mgca, "mgca_token_loss", spy)
+    losses = method.losses(batch)
+    assert torch.isfinite(losses["token"])
+    weights = seen["patch_weights"]
+    assert weights is not None and weights.shape == (4, 16)  # 64 px / 16 = a 4 x 4 grid
+    assert not torch.allclose(weights, torch.full_like(weights, 1 / 16))  # an attention map, not uniform
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    assert seen["word_weights"] is None  # [design] uniform words until the text [CLS] attention is exposed
+
+
+def test_stage_switches_the_prototype_loss_on_and_the_export_embeds(simulated_manifest, tmp_path):
+    import pandas as pd
+
+    from radalign.inference import load
+    from radalign.training.module import PretrainModule
+    from radalign.training.run import pretrain
+
+    seen: dict[int, float] = {}
+    original = PretrainModule.weighted_loss
+
+    def record(self, losses):
+        total, weights = original(self, losses)
+        if self.trainer.training:  # validation and sanity-check batches also weigh their losses
+            seen[self.global_step] = weights["prototype"]
+        return total, weights
+
+    config = tiny_mgca(
+        simulated_manifest,
+        **{"trainer.max_steps": 6, "trainer.log_every_n_steps": 1, "trainer.checkpoint_every_n_steps": 1000},
+    )
+    config.stages[0].start_step = 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PretrainModule, "weighted_loss", record)
+        result = pretrain(config, tmp_path / "run")
+    assert result.steps == 6
+    assert seen == {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5, 4: 0.5, 5: 0.5}
+    metrics = pd.read_csv(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")
+    assert metrics["train/prototype"].notna().sum() >= 6 and metrics["train/stage"].notna().any()
+    model = load(result.export)
+    images = model.encode_images(torch.rand(2, 1, 64, 64))
+    texts = model.encode_texts(["Small left pleural effusion.", "No pneumothorax."])
+    assert images.shape == texts.shape == (2, config.model.embed_dim)
+    torch.testing.assert_close(texts.norm(dim=1), torch.ones(2))
