@@ -66,11 +66,20 @@ def toy_config(manifest, **trainer) -> PretrainConfig:
 
 
 def test_every_shipped_config_loads_and_names_a_registered_method():
-    import radalign.methods.clip  # noqa: F401
+    import importlib
 
-    for name in ("clip", "clip-tiny", "convirt", "convirt-tiny"):
-        config = load_config(find_config(name))
-        assert config.method in METHODS, name
+    from radalign.methods.registry import BUILTIN_METHODS
+    from radalign.training.config import shipped_config_dir
+
+    for module in BUILTIN_METHODS:
+        importlib.import_module(f"radalign.methods.{module}")
+    paths = sorted((shipped_config_dir() / "methods").glob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        config = load_config(path)
+        assert config.method in METHODS, path.name
+        if not path.stem.endswith("-tiny") and "ablation" not in path.stem:  # every method ships a CPU-sized twin
+            assert (path.parent / f"{path.stem}-tiny.yaml").is_file(), path.name
 
 
 def test_unknown_config_keys_are_errors_that_name_them(tmp_path):

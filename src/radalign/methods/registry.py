@@ -20,7 +20,7 @@ def register(*names: str):
     return wrap
 
 
-BUILTIN_METHODS = ("clip", "gloria", "mgca")  # modules under radalign.methods that register methods on import
+BUILTIN_METHODS = ("clip", "gloria", "lovt", "mgca")  # modules under radalign.methods that register methods on import
 
 
 def build_method(config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> Method:
