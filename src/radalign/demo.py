@@ -182,10 +182,9 @@ def _fmt(value: float) -> str:
 
 def loss_curve(run_dir: Path, path: Path) -> Path | None:
     """Plot train/loss against step from every log version of the run (a resumed run has several)."""
-    import matplotlib
+    from radalign.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     frames = [pd.read_csv(p) for p in sorted((run_dir / "logs").glob("version_*/metrics.csv"))]

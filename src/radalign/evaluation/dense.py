@@ -188,12 +188,3 @@ def shuffled(n: int, batch_size: int, key: tuple[int, int]) -> list[Tensor]:
     """Index batches of a permutation of ``range(n)`` fixed by ``key`` = (seed, epoch)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(key[0] * 100_003 + key[1]))
     return list(order.split(batch_size))
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

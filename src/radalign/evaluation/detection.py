@@ -31,11 +31,11 @@ from radalign.evaluation.dense import (
     batch_norms_eval,
     fit,
     load_split,
-    pyplot,
     select_findings,
     shuffled,
 )
 from radalign.evaluation.metrics import over_seeds
+from radalign.utils.plotting import legend_title_save, pyplot
 
 DEFAULTS: dict[str, Any] = {
     "findings": None,
@@ -304,12 +304,7 @@ def _boxes_figure(ctx: Any, task: str, images: Tensor, truth: list, preds: list,
             ax.text(x0, y0 - 1, f"{float(preds[i]['scores'][d]):.2f}", color=colors(c % 10), fontsize=6)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [plt.Line2D([], [], color=colors(k % 10), label=f) for k, f in enumerate(findings)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(findings), 4), fontsize=7, frameon=False)
-    fig.suptitle("true boxes (solid) vs top-3 detections (dashed)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    legend_title_save(fig, path, findings, colors, "true boxes (solid) vs top-3 detections (dashed)", 0.08)
     return relative
 
 

@@ -110,10 +110,9 @@ def _representatives(keep: np.ndarray, classes: np.ndarray, n_classes: int, per_
 
 def _examples_figure(ctx: Any, task: str, similarity: torch.Tensor, ids: list[str], n: int) -> str:
     """A few test images with their top-3 retrieved reports; the true report is marked."""
-    import matplotlib
+    from radalign.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from radalign.data.transforms import IMAGE_MEAN, IMAGE_STD
 

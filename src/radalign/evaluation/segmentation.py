@@ -36,12 +36,12 @@ from radalign.evaluation.dense import (
     encode_all,
     fit,
     load_split,
-    pyplot,
     pyramid_bytes,
     select_findings,
     shuffled,
 )
 from radalign.evaluation.metrics import over_seeds
+from radalign.utils.plotting import legend_title_save, pyplot
 
 DEFAULTS: dict[str, Any] = {
     "heads": ["linear", "unet"],
@@ -318,10 +318,5 @@ def _figure(ctx: Any, task: str, test: Any, shown: Tensor, predictions: dict[str
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(head)
-    handles = [plt.Line2D([], [], color=colors(k % 10), label=f) for k, f in enumerate(findings)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(findings), 4), fontsize=7, frameon=False)
-    fig.suptitle("ground truth (solid) vs prediction (dashed)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    legend_title_save(fig, path, findings, colors, "ground truth (solid) vs prediction (dashed)", 0.06)
     return relative

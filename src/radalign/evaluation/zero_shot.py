@@ -265,10 +265,9 @@ def _multiclass(ctx: Any, spec: Any, scores: np.ndarray, labels: np.ndarray, fin
 
 
 def _roc_figure(ctx: Any, task: str, labels: np.ndarray, scores: np.ndarray, findings: list[str]) -> str:
-    import matplotlib
+    from radalign.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import roc_curve
 
     path, relative = ctx.figure(task, "roc.png")
@@ -291,10 +290,9 @@ def _roc_figure(ctx: Any, task: str, labels: np.ndarray, scores: np.ndarray, fin
 
 
 def _confusion_figure(ctx: Any, task: str, y: np.ndarray, predicted: np.ndarray, findings: list[str]) -> str:
-    import matplotlib
+    from radalign.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay
 
     path, relative = ctx.figure(task, "confusion.png")

@@ -18,11 +18,11 @@ COLOURS = {
 
 def contact_sheet(data_dir: str | Path, out: str | Path | None = None, *, n: int = 12, columns: int = 4) -> Path:
     """Render the first ``n`` radiographs of a simulated dataset (outlines + reports) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+
+    from radalign.utils.plotting import pyplot
+
+    plt = pyplot()
 
     from radalign.data.io import read_image
 
