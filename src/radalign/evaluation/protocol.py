@@ -131,7 +131,6 @@ def _override(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def check_params(task: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``defaults`` updated with ``params``; a key the task does not know is an error that names it."""
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ConfigError(f"task {task}: unknown parameter {unknown[0]!r}; valid: {', '.join(sorted(defaults))}")
-    return {**defaults, **params}
+    from radalign.training.config import check_options
+
+    return check_options(f"task {task}", params, defaults)

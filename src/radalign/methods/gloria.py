@@ -22,20 +22,12 @@ from radalign.methods.builders import build_image_encoder, build_text_encoder
 from radalign.methods.registry import register
 from radalign.models.heads import ProjectionHead
 from radalign.objectives.local.gloria import GloriaLocalLoss, gloria_global_loss
+from radalign.training.config import check_options
 
 MODEL_OPTIONS = {"local_stride": 16}
 LOCAL_OPTIONS = {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0, "agg": "sum"}
 GLOBAL_OPTIONS = {"temp3": 10.0}
 PROMPT_CHUNK = 64  # prompts scored at once by local_similarity: the all-pairs context is (B, P, W, D)
-
-
-def _options(spec: dict[str, Any], defaults: dict[str, Any], where: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``defaults`` updated from ``spec``; a key that is neither an option nor in ``extra`` is a ConfigError."""
-    unknown = sorted(set(spec) - set(defaults) - set(extra))
-    if unknown:
-        valid = ", ".join(sorted([*defaults, *extra]))
-        raise ConfigError(f"{where}: unknown option {unknown[0]!r} for method gloria; valid options: {valid}")
-    return {k: spec.get(k, v) for k, v in defaults.items()}
 
 
 @register("gloria")
@@ -45,11 +37,11 @@ class GLoRIA(Method):
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
         model = config.model
-        options = _options(model.options, MODEL_OPTIONS, "model.options")
-        local = _options(config.objectives.get("local", {}), LOCAL_OPTIONS, "objectives.local", ("weight",))
-        self.global_temp3 = float(
-            _options(config.objectives.get("global", {}), GLOBAL_OPTIONS, "objectives.global", ("weight",))["temp3"]
-        )
+        options = check_options("gloria model.options", model.options, MODEL_OPTIONS)
+        objectives = config.objectives
+        local = check_options("gloria objectives.local", objectives.get("local", {}), LOCAL_OPTIONS, ("weight",))
+        global_ = check_options("gloria objectives.global", objectives.get("global", {}), GLOBAL_OPTIONS, ("weight",))
+        self.global_temp3 = float(global_["temp3"])
         self.image_encoder = build_image_encoder(model.image, config.loader, for_inference=for_inference)
         strides = list(getattr(self.image_encoder, "pyramid_strides", None) or [])
         stride = int(options["local_stride"])

@@ -22,6 +22,7 @@ from radalign.methods.registry import register
 from radalign.models.heads import ProjectionHead
 from radalign.models.pooling import AttentionPool
 from radalign.objectives.local.lovt import LovtCrossAttention, local_intra_sample_loss, spatial_positives
+from radalign.training.config import check_options
 
 MODEL_OPTIONS = {"pool_heads": 8, "projection_hidden": 2048, "sentence_pooling": "max"}
 LOCAL_KEYS = {
@@ -63,18 +64,13 @@ class LoVT(Method):
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
         model = config.model
-        unknown = sorted(set(model.options) - set(MODEL_OPTIONS))
-        if unknown:
-            raise ConfigError(f"lovt: unknown model.options {unknown}; known: {sorted(MODEL_OPTIONS)}")
-        options = {**MODEL_OPTIONS, **model.options}
+        options = check_options("lovt model.options", model.options, MODEL_OPTIONS)
         if options["sentence_pooling"] not in ("max", "mean"):
             raise ConfigError(
                 f"lovt: model.options.sentence_pooling must be max or mean, got {options['sentence_pooling']!r}"
             )
         for name, keys in LOCAL_KEYS.items():
-            extra = sorted(set(config.objectives.get(name, {})) - keys)
-            if extra:
-                raise ConfigError(f"lovt: objectives.{name} has unknown keys {extra}; known: {sorted(keys)}")
+            check_options(f"lovt objectives.{name}", config.objectives.get(name, {}), {}, tuple(keys))
         self.sentence_pooling = options["sentence_pooling"]
         self.image_encoder = build_image_encoder(model.image, config.loader, for_inference=for_inference)
         self.text_encoder = build_text_encoder(model.text, tokenizer, for_inference=for_inference)

@@ -34,6 +34,7 @@ from radalign.models.heads import ProjectionHead
 from radalign.models.outputs import ImageOutput, TextOutput
 from radalign.objectives.local.mgca import mgca_token_loss
 from radalign.objectives.prototype import PrototypeLoss
+from radalign.training.config import check_options
 
 HEAD_OPTIONS = ("head_hidden_dim", "head_norm", "head_output_norm")
 
@@ -45,9 +46,7 @@ class MGCA(Method):
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
         model = config.model
-        unknown = sorted(set(model.options) - set(HEAD_OPTIONS))
-        if unknown:
-            raise ConfigError(f"mgca: unknown model.options key {unknown[0]!r}; valid: {list(HEAD_OPTIONS)}")
+        check_options("mgca model.options", model.options, {}, HEAD_OPTIONS)
         head = {
             "kind": model.projection,
             "hidden_dim": model.options.get("head_hidden_dim"),
@@ -63,11 +62,8 @@ class MGCA(Method):
         self.text_local_head = ProjectionHead(text_dim, model.embed_dim, **head)
         objectives = config.objectives
         self.contrast = build_infonce(objectives.get("instance", {"temperature": 0.07}))
-        token = {k: v for k, v in objectives.get("token", {}).items() if k != "weight"}
-        unknown = sorted(set(token) - {"temperature"})
-        if unknown:
-            raise ConfigError(f"objectives.token: unknown key {unknown[0]!r}; valid: ['temperature', 'weight']")
-        self.token_temperature = float(token.get("temperature", 0.1))
+        token = check_options("mgca objectives.token", objectives.get("token", {}), {"temperature": 0.1}, ("weight",))
+        self.token_temperature = float(token["temperature"])
         proto = {k: v for k, v in objectives.get("prototype", {}).items() if k != "weight"}
         try:
             self.prototype = PrototypeLoss(model.embed_dim, **proto)

@@ -185,6 +185,16 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def check_options(where: str, given: dict[str, Any], defaults: dict[str, Any], extra: tuple[str, ...] = ()) -> dict:
+    """``defaults`` updated with ``given``; a key that is neither a default nor in ``extra`` is a ConfigError that
+    names it and lists the valid ones. The one check behind method options and evaluation task parameters."""
+    unknown = sorted(set(given) - set(defaults) - set(extra))
+    if unknown:
+        valid = ", ".join(sorted([*defaults, *extra]))
+        raise ConfigError(f"{where}: unknown parameter {unknown[0]!r}; valid: {valid}")
+    return {**defaults, **{k: v for k, v in given.items() if k in defaults}}
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """Read a YAML run config, apply dotted ``overrides`` ({"optim.lr": 3e-4}), and validate every key."""
     import yaml
