@@ -182,7 +182,7 @@ def _fmt(value: float) -> str:
 
 def loss_curve(run_dir: Path, path: Path) -> Path | None:
     """Plot train/loss against step from every log version of the run (a resumed run has several)."""
-    from radalign.utils.plotting import pyplot
+    from radalign.utils.plotting import pyplot, save
 
     plt = pyplot()
     import pandas as pd
@@ -202,9 +202,7 @@ def loss_curve(run_dir: Path, path: Path) -> Path | None:
     ax.set_ylabel("InfoNCE loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 

@@ -35,7 +35,7 @@ from radalign.evaluation.dense import (
     shuffled,
 )
 from radalign.evaluation.metrics import over_seeds
-from radalign.utils.plotting import legend_title_save, pyplot
+from radalign.utils.plotting import legend_title_save, pyplot, save
 
 DEFAULTS: dict[str, Any] = {
     "findings": None,
@@ -326,7 +326,5 @@ def _froc_figure(ctx: Any, task: str, curves: dict[str, tuple[np.ndarray, np.nda
     ax.set_ylabel("sensitivity")
     ax.set_title("fROC (first seed)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return relative

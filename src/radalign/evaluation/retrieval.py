@@ -110,7 +110,7 @@ def _representatives(keep: np.ndarray, classes: np.ndarray, n_classes: int, per_
 
 def _examples_figure(ctx: Any, task: str, similarity: torch.Tensor, ids: list[str], n: int) -> str:
     """A few test images with their top-3 retrieved reports; the true report is marked."""
-    from radalign.utils.plotting import pyplot
+    from radalign.utils.plotting import pyplot, save
 
     plt = pyplot()
 
@@ -138,7 +138,5 @@ def _examples_figure(ctx: Any, task: str, similarity: torch.Tensor, ids: list[st
         axes[row, 1].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=7)
         axes[row, 1].set_axis_off()
     fig.suptitle("image -> report retrieval: top 3 (✓ = the image's own report)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return relative

@@ -265,7 +265,7 @@ def _multiclass(ctx: Any, spec: Any, scores: np.ndarray, labels: np.ndarray, fin
 
 
 def _roc_figure(ctx: Any, task: str, labels: np.ndarray, scores: np.ndarray, findings: list[str]) -> str:
-    from radalign.utils.plotting import pyplot
+    from radalign.utils.plotting import pyplot, save
 
     plt = pyplot()
     from sklearn.metrics import roc_curve
@@ -283,14 +283,12 @@ def _roc_figure(ctx: Any, task: str, labels: np.ndarray, scores: np.ndarray, fin
     ax.set_ylabel("true positive rate")
     ax.set_title("zero-shot ROC (AUROC)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return relative
 
 
 def _confusion_figure(ctx: Any, task: str, y: np.ndarray, predicted: np.ndarray, findings: list[str]) -> str:
-    from radalign.utils.plotting import pyplot
+    from radalign.utils.plotting import pyplot, save
 
     plt = pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -302,7 +300,5 @@ def _confusion_figure(ctx: Any, task: str, y: np.ndarray, predicted: np.ndarray,
         ax=ax, colorbar=False, xticks_rotation=45,
     )  # fmt: skip
     ax.set_title("zero-shot, one class per image")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return relative

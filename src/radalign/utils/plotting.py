@@ -17,6 +17,13 @@ def pyplot() -> Any:
     return plt
 
 
+def save(fig: Any, path: Path) -> None:
+    """Lay out, write and close a pyplot figure (closing frees it: figures made in a loop would pile up)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+
+
 def legend_title_save(
     fig: Any, path: Path, findings: Sequence[str], color: Callable[[int], Any], title: str, bottom: float
 ) -> None:
