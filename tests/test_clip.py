@@ -7,22 +7,18 @@ import pytest
 import torch
 
 from radalign.training.config import find_config, load_config
+from tests.helpers import tiny_config
 
 
 def tiny_clip(manifest, **overrides):
     settings = {
-        "loader.manifest": str(manifest),
-        "loader.image_size": 64,
         "loader.batch_size": 16,
-        "loader.max_length": 64,
         "model.text.freeze_layers": 5,
-        "trainer.progress": False,
         "trainer.checkpoint_every_n_steps": 1000,
         "trainer.log_every_n_steps": 1,
         "trainer.max_steps": 50,
     }
-    settings.update(overrides)
-    return load_config(find_config("clip-tiny"), settings)
+    return tiny_config("clip", manifest, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

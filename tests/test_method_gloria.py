@@ -8,21 +8,11 @@ import torch
 import radalign.methods.gloria  # noqa: F401  (registers "gloria")
 from radalign.errors import ConfigError
 from radalign.training.config import find_config, load_config
-
-SMALL = {
-    "loader.image_size": 64,
-    "loader.batch_size": 8,
-    "loader.max_length": 64,
-    "model.text.freeze_layers": 6,
-    "trainer.progress": False,
-}
+from tests.helpers import tiny_config
 
 
 def tiny_gloria(manifest=None, **overrides):
-    settings = dict(SMALL, **overrides)
-    if manifest is not None:
-        settings["loader.manifest"] = str(manifest)
-    return load_config(find_config("gloria-tiny"), settings)
+    return tiny_config("gloria", manifest, **overrides)
 
 
 def grad_sum(module: torch.nn.Module) -> float:

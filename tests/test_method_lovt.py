@@ -11,6 +11,7 @@ import torch
 
 import radalign.methods.lovt  # noqa: F401  (registers "lovt")
 from radalign.training.config import find_config, load_config
+from tests.helpers import tiny_config
 
 CONFIGS = (
     "lovt",
@@ -20,19 +21,8 @@ CONFIGS = (
 
 
 def tiny_lovt(manifest, **overrides):
-    settings = {
-        "loader.manifest": str(manifest),
-        "loader.image_size": 64,
-        "loader.batch_size": 8,
-        "loader.max_length": 64,
-        "model.text.freeze_layers": 6,
-        "trainer.progress": False,
-        "trainer.checkpoint_every_n_steps": 1000,
-        "trainer.log_every_n_steps": 1,
-        "trainer.max_steps": 5,
-    }
-    settings.update(overrides)
-    return load_config(find_config("lovt-tiny"), settings)
+    settings = {"trainer.checkpoint_every_n_steps": 1000, "trainer.log_every_n_steps": 1, "trainer.max_steps": 5}
+    return tiny_config("lovt", manifest, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

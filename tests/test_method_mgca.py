@@ -7,19 +7,11 @@ import torch
 
 import radalign.methods.mgca  # registers "mgca"; also patched below
 from radalign.training.config import find_config, load_config
+from tests.helpers import tiny_config
 
 
 def tiny_mgca(manifest, **overrides):
-    settings = {
-        "loader.manifest": str(manifest),
-        "loader.image_size": 64,
-        "loader.batch_size": 8,
-        "loader.max_length": 48,
-        "model.text.freeze_layers": 6,
-        "trainer.progress": False,
-    }
-    settings.update(overrides)
-    return load_config(find_config("mgca-tiny"), settings)
+    return tiny_config("mgca", manifest, **{"loader.max_length": 48, **overrides})
 
 
 def first_batch(config):
