@@ -201,7 +201,7 @@ def pretrain(
         out: Run folder: checkpoints/, logs/ (CSV, TensorBoard), export/ (safetensors + config.json).
         max_steps: Stop after this many optimiser steps (overrides trainer.max_steps).
         resume: Continue from OUT/checkpoints/last.ckpt when it exists.
-        method: Registered method name (clip, convirt, ...).
+        method: Registered method name (clip, convirt, gloria, mgca, lovt).
         model: Encoders, projection and embedding size.
         objectives: Per-objective settings and weights, e.g. {global: {weight: 1.0, temperature: 0.07}}.
         stages: Stage schedule: objective weights by step or epoch, optional optimiser reset.
@@ -247,7 +247,7 @@ def evaluate(
 
     Args:
         model: An export folder (<run>/export) or a run folder holding one.
-        protocol: A shipped protocol name (quick, mgca, lovt, prior) or a protocol YAML (docs/evaluation.md).
+        protocol: A shipped protocol name (quick, quick-3d, mgca, lovt, prior) or a protocol YAML (docs/evaluation.md).
         out: Results folder: results.json, report.md, figures/.
         data: The manifest to evaluate on (overrides the protocol's).
         cache: A `radalign prepare` cache of that manifest (faster image loading).

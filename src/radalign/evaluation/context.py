@@ -101,7 +101,9 @@ class EvalContext:
         """The split's items, evaluation transform (pad to square + resize, no augmentation), optional reports."""
         from radalign.data.cache import PreparedCache
 
-        cache = PreparedCache(self.protocol.cache_dir) if self.protocol.cache_dir else None
+        if self.protocol.cache_dir and "cache" not in self._cache:
+            self._cache["cache"] = PreparedCache(self.protocol.cache_dir)  # its index is read once, not per dataset
+        cache = self._cache.get("cache")
         return RadDataset(
             self.records[role],
             vocabulary=self.vocabulary,
