@@ -7,6 +7,7 @@ loops over reports, the intra-sample losses over samples) and call the same math
 Target: at least 10x faster at equal results.
 
     .venv/bin/python benchmarks/local_loss_speed.py [--repeats 3] [--batch 32]
+    python benchmarks/local_loss_speed.py --device cuda --repeats 10     # on a GPU: synchronised timings
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ from radalign.objectives.local.mgca import mgca_token_loss
 D = 768
 
 
-def inputs(name: str, batch: int) -> dict[str, torch.Tensor]:
+def inputs(name: str, batch: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     n, t = {"gloria": (361, 97), "mgca": (196, 97), "lovt": (49, 12)}[name]
     lengths = torch.randint(t // 3, t + 1, (batch,), generator=g)
     mask = torch.arange(t)[None] < lengths[:, None]  # variable report lengths
-    return {
-        "regions": torch.randn(batch, n, D, generator=g).requires_grad_(),
-        "tokens": torch.randn(batch, t, D, generator=g).requires_grad_(),
+    x = {
+        "regions": torch.randn(batch, n, D, generator=g),
+        "tokens": torch.randn(batch, t, D, generator=g),
         "token_mask": mask,
         "region_mask": torch.ones(batch, n, dtype=torch.bool),
     }
+    x = {k: v.to(device) for k, v in x.items()}
+    x["regions"].requires_grad_()
+    x["tokens"].requires_grad_()
+    return x
 
 
 def gloria_vectorised(x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -56,7 +61,7 @@ def gloria_loop(x: dict[str, torch.Tensor]) -> torch.Tensor:
         sim = F.cosine_similarity(w, context, dim=-1) * 5.0  # (B, W_j)
         columns.append(torch.logsumexp(sim, dim=1))
     logits = torch.stack(columns, dim=1) * 10.0  # (B_img, B_txt)
-    target = torch.arange(b)
+    target = torch.arange(b, device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
@@ -73,14 +78,14 @@ def mgca_loop(x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def lovt_vectorised(x: dict[str, torch.Tensor]) -> torch.Tensor:
-    positives = spatial_positives((7, 7))
+    positives = spatial_positives((7, 7), device=x["regions"].device)
     a = local_intra_sample_loss(x["regions"], x["regions"].flip(1), x["region_mask"], positives)
     s = local_intra_sample_loss(x["tokens"], x["tokens"].flip(1), x["token_mask"])
     return sum(a) + sum(s)
 
 
 def lovt_loop(x: dict[str, torch.Tensor]) -> torch.Tensor:
-    positives = spatial_positives((7, 7))
+    positives = spatial_positives((7, 7), device=x["regions"].device)
     total = x["regions"].new_zeros(())
     b = len(x["regions"])
     for i in range(b):
@@ -98,21 +103,35 @@ VARIANTS: dict[str, dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]]
 }
 
 
-def measure(name: str, variant: str, batch: int, repeats: int) -> dict[str, float]:
+def measure(name: str, variant: str, batch: int, repeats: int, device: str) -> dict[str, float]:
     # Random 768-d features saturate GLoRIA's softmaxes, and the resulting denormal gradients make CPU GEMMs
     # ~4x slower (measured: 11 s vs 2.7 s backward); flushing them is what a CPU user should do too.
     torch.set_flush_denormal(True)
-    x = inputs(name, batch)
+    cuda = device.startswith("cuda")
+    x = inputs(name, batch, device)
     fn = VARIANTS[name][variant]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:  # the first call pays for kernel selection and the allocator's growth: not part of the loss's cost
+        fn(x).backward()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: kB)
     times = []
     for _ in range(repeats):
         x["regions"].grad = x["tokens"].grad = None
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         loss = fn(x)
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # MiB (Linux: kB)
+    if cuda:
+        extra = torch.cuda.max_memory_allocated() / 2**20 - before
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     return {"seconds": min(times), "extra_mib": extra, "loss": float(loss), "grad": x["regions"].grad.norm().item()}
 
 
@@ -120,12 +139,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # child process: one measurement, so that its peak memory is its own
-        print(json.dumps(measure(*args.one, args.batch, args.repeats)))
+        print(json.dumps(measure(*args.one, args.batch, args.repeats, args.device)))
         return
-    print(f"batch {args.batch}, {D}-d, forward + backward, best of {args.repeats}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"batch {args.batch}, {D}-d, forward + backward, best of {args.repeats}, {args.device} ({where})")
     print("| loss | shapes | vectorised (s) | loop (s) | speed-up | extra peak MiB (vec / loop) | max rel. diff |")
     print("|---|---|--:|--:|--:|--:|--:|")
     shapes = {"gloria": "361 regions x 97 words", "mgca": "196 patches x 97 words", "lovt": "49 regions, 12 sent."}
@@ -133,7 +154,7 @@ def main() -> None:
         result = {}
         for variant in ("vectorised", "loop"):
             command = [sys.executable, __file__, "--one", name, variant, "--batch", str(args.batch),
-                       "--repeats", str(args.repeats)]  # fmt: skip
+                       "--repeats", str(args.repeats), "--device", args.device]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             result[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         v, loop = result["vectorised"], result["loop"]
