@@ -72,9 +72,9 @@ def run_one(method: str, seed: int, manifest: Path, cache: Path, args: argparse.
     if not (run / "export" / "model.safetensors").is_file():
         start = time.perf_counter()
         radalign(
-            "pretrain", "--config", str(find_config(f"{method}-tiny")), "--data", str(manifest), "--out", str(run / "run"),
-            "--max_steps", str(args.steps), "--loader.cache_dir", str(cache), "--trainer.seed", str(seed),
-            "--loader.seed", str(seed), "--trainer.progress", "false",
+            "pretrain", "--config", str(find_config(f"{method}-tiny")), "--data", str(manifest),
+            "--out", str(run / "run"), "--max_steps", str(args.steps), "--loader.cache_dir", str(cache),
+            "--trainer.seed", str(seed), "--loader.seed", str(seed), "--trainer.progress", "false",
         )  # fmt: skip
         (run / "run" / "export").rename(run / "export")  # moved out so a finished run is recognised by its export
         timings["pretrain_s"] = time.perf_counter() - start
@@ -121,7 +121,9 @@ def table(methods: list[str], seeds: list[int], out: Path) -> tuple[str, dict[st
             continue
         cells, raw[method] = [], {}
         for title, task, key in COLUMNS:
-            values = [r["tasks"][task]["metrics"][key] for r in found if key in r["tasks"].get(task, {}).get("metrics", {})]
+            values = [
+                r["tasks"][task]["metrics"][key] for r in found if key in r["tasks"].get(task, {}).get("metrics", {})
+            ]
             raw[method][title] = [v["value"] for v in values]
             cells.append(cell(values))
         lines.append(f"| {method} | {len(found)} | " + " | ".join(cells) + " |")
@@ -139,7 +141,12 @@ def plot(raw: dict[str, dict[str, list[float]]], path: Path) -> None:
             values = raw[method][title]
             if not values:
                 continue
-            ax.bar(m, statistics.mean(values), color=plt.cm.tab10(m), yerr=statistics.stdev(values) if len(values) > 1 else 0)
+            ax.bar(
+                m,
+                statistics.mean(values),
+                color=plt.cm.tab10(m),
+                yerr=statistics.stdev(values) if len(values) > 1 else 0,
+            )
             ax.scatter([m] * len(values), values, color="black", s=6, zorder=3)
         ax.set_title(title, fontsize=8)
         ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=7)
@@ -151,7 +158,7 @@ def plot(raw: dict[str, dict[str, list[float]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_out/compare"))
-    parser.add_argument("--methods", default="clip,convirt,gloria,mgca,lovt")
+    parser.add_argument("--methods", default="clip,convirt,gloria,mgca,lovt,prior")
     parser.add_argument("--seeds", default="0,1", help="pre-training seeds")
     parser.add_argument("--eval-seeds", default="0,1", help="evaluation seeds (probe, segmentation, detection heads)")
     parser.add_argument("--steps", type=int, default=250)

@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-METHODS = ["clip", "convirt", "gloria", "mgca", "lovt"]
+METHODS = ["clip", "convirt", "gloria", "mgca", "lovt", "prior"]
 TASKS = ["zero_shot", "retrieval", "linear_probe", "segmentation", "detection", "grounding"]
 SHORT_HEADS = {
     "seeds": [0],

@@ -37,6 +37,9 @@ class Method(nn.Module):
                 f"its objectives: {list(self.objective_names)}"
             )
         self.ema: EMACopies | None = None
+        # Objective weights in force, set by the training module before each ``losses`` call (None outside
+        # training: compute everything). A method may skip an objective whose weight is 0.
+        self.stage_weights: dict[str, float] | None = None
 
     def setup_ema(self) -> None:
         """Call at the end of a subclass ``__init__``: copies the sub-modules named in ``config.ema.modules``."""
@@ -46,6 +49,10 @@ class Method(nn.Module):
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Unweighted loss per objective name (scalars); the training module applies the stage weights."""
         raise NotImplementedError
+
+    def objective_on(self, name: str) -> bool:
+        """Whether objective ``name`` counts at this step (weight != 0); always True outside training."""
+        return self.stage_weights is None or self.stage_weights.get(name, 1.0) != 0
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) or (B, C, D, H, W) -> (B, embed_dim) L2-normalised."""

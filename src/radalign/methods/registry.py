@@ -20,7 +20,8 @@ def register(*names: str):
     return wrap
 
 
-BUILTIN_METHODS = ("clip", "gloria", "lovt", "mgca")  # modules under radalign.methods that register methods on import
+# modules under radalign.methods that register methods on import
+BUILTIN_METHODS = ("clip", "gloria", "lovt", "mgca", "prior")
 
 
 def build_method(config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> Method:

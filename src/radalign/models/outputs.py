@@ -30,8 +30,14 @@ class ImageOutput:
 
     def grid(self) -> Tensor:
         """The local features as a channels-first map (B, D, *grid_shape), for dense heads and heat maps."""
-        b, _, d = self.local.shape
-        return self.local.transpose(1, 2).reshape(b, d, *self.grid_shape)
+        return locals_to_map(self.local, self.grid_shape)
+
+
+def locals_to_map(local: Tensor, grid_shape: tuple[int, ...]) -> Tensor:
+    """(B, N, D) row-major cells -> (B, D, *grid_shape): cell i * w + j lands at [:, :, i, j]. The one inverse of
+    the encoders' flattening (PRIOR's official code used ``view`` without a permute and scrambled it, bug 1)."""
+    b, _, d = local.shape
+    return local.transpose(1, 2).reshape(b, d, *grid_shape)
 
 
 @dataclass

@@ -30,10 +30,19 @@ class AttentionPool(nn.Module):
 
     The query is a learned vector (``query="learned"``) or the masked mean of the inputs (``"mean"``, as CLIP's
     AttentionPool2d and PRIOR do). Weights are averaged over heads and sum to 1 over the unmasked inputs.
+
+    ``positions=N`` makes it CLIP's AttentionPool2d exactly: a learned positional embedding for the mean token and
+    the N inputs (a fixed grid), and the mean token is also one of the keys; the returned weights are then those
+    of the N inputs (summing to 1 minus the mean token's share).
     """
 
     def __init__(
-        self, dim: int, heads: int = 1, query: Literal["learned", "mean"] = "learned", out_dim: int | None = None
+        self,
+        dim: int,
+        heads: int = 1,
+        query: Literal["learned", "mean"] = "learned",
+        out_dim: int | None = None,
+        positions: int | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -43,6 +52,9 @@ class AttentionPool(nn.Module):
         self.heads = heads
         self.query_kind = query
         self.query = nn.Parameter(torch.randn(dim) * dim**-0.5) if query == "learned" else None
+        if positions is not None and query != "mean":
+            raise ConfigError("attention pool: positions (CLIP's AttentionPool2d) go with query='mean'")
+        self.positional = nn.Parameter(torch.randn(positions + 1, dim) * dim**-0.5) if positions else None
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -59,13 +71,28 @@ class AttentionPool(nn.Module):
         else:
             m = mask.to(x.dtype).unsqueeze(-1)
             q = (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        if self.positional is not None:
+            if n + 1 != self.positional.shape[0]:
+                raise ConfigError(
+                    f"attention pool: built for a grid of {self.positional.shape[0] - 1} cells, got {n}; the image "
+                    "size must match the one the model was built for"
+                )
+            pos = self.positional.to(x.dtype)
+            q = q + pos[0]
+            x = torch.cat([q.unsqueeze(1), x + pos[1:]], dim=1)  # the mean token is a key too, as in CLIP
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(b, 1), mask], dim=1)
+            n = n + 1
         q = self.q_proj(q).view(b, h, 1, hd)  # (B, H, 1, hd)
         k = self.k_proj(x).view(b, n, h, hd).transpose(1, 2)  # (B, H, N, hd)
         v = self.v_proj(x).view(b, n, h, hd).transpose(1, 2)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)  # (B, H, 1, N)
         weights = masked_softmax(scores, None if mask is None else mask[:, None, None, :])
         pooled = (weights @ v).reshape(b, d)  # (B, H, 1, hd) -> (B, D)
-        return self.out_proj(pooled), weights.mean(dim=1).squeeze(1)
+        weights = weights.mean(dim=1).squeeze(1)
+        if self.positional is not None:
+            weights = weights[:, 1:]
+        return self.out_proj(pooled), weights
 
 
 def segment_mean(values: Tensor, index: Tensor, num_segments: int | None = None) -> tuple[Tensor, Tensor]:

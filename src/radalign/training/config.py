@@ -65,13 +65,18 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
-    """From ``start_step`` (or ``start_epoch``) on, the objectives' weights are ``weights`` (missing = unchanged)."""
+    """From ``start_step`` (or ``start_epoch``, or ``start_fraction`` of ``trainer.max_steps``) on, the objectives'
+    weights are ``weights`` (missing = unchanged). A fraction keeps a schedule's proportions at any budget: the same
+    config passes through every stage in a 20-step smoke run and in a 50,000-step one."""
 
     name: str = "main"
     start_step: int | None = None
     start_epoch: int | None = None
+    start_fraction: float | None = None
     weights: dict[str, float] = field(default_factory=dict)
     reset_optimizer: bool = False  # recreate the optimiser and schedule at this boundary (PRIOR)
+    lr: float | None = None  # with reset_optimizer: this stage's peak learning rate (None = optim.lr)
+    warmup_steps: int | None = None  # with reset_optimizer: this stage's warm-up (None = optim.warmup_steps)
 
 
 @dataclass
@@ -92,6 +97,7 @@ class TrainerConfig:
     devices: int | str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    sync_batchnorm: bool = False  # BatchNorm statistics over all processes under DDP (PRIOR)
     precision: str = "auto"  # auto: bf16-mixed on a GPU that supports it, else 32-true
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
@@ -118,7 +124,7 @@ class PretrainConfig:
         """Objective weights in force at (step, epoch): each objective's own weight, updated by every started stage."""
         weights = {name: float(spec.get("weight", 1.0)) for name, spec in self.objectives.items()}
         for stage in self.stages:
-            if stage_started(stage, step, epoch):
+            if stage_started(stage, step, epoch, self.trainer.max_steps):
                 weights.update(stage.weights)
         return weights
 
@@ -126,12 +132,19 @@ class PretrainConfig:
         return _plain(dataclasses.asdict(self))
 
 
-def stage_started(stage: StageConfig, step: int, epoch: int) -> bool:
+def stage_started(stage: StageConfig, step: int, epoch: int, max_steps: int = -1) -> bool:
     if stage.start_step is not None and step >= stage.start_step:
         return True
     if stage.start_epoch is not None and epoch >= stage.start_epoch:
         return True
-    return stage.start_step is None and stage.start_epoch is None
+    if stage.start_fraction is not None:
+        if max_steps is None or max_steps <= 0:
+            raise ConfigError(
+                f"stage {stage.name!r} starts at start_fraction={stage.start_fraction} of trainer.max_steps, but "
+                "max_steps is not set; set trainer.max_steps (--max-steps N) or give the stage a start_step"
+            )
+        return step >= round(stage.start_fraction * max_steps)
+    return stage.start_step is None and stage.start_epoch is None and stage.start_fraction is None
 
 
 def _plain(value: Any) -> Any:

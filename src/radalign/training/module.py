@@ -51,6 +51,8 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["batch_size"] == 0:
             return None  # every item was unreadable; counted by SkippedSamplesCallback
+        # The method sees the weights in force, so it can skip objectives that are off (PRIOR's stage 3 decoders).
+        self.method.stage_weights = self.config.weights_at(self.global_step, self.current_epoch)
         losses = self.method.losses(batch)
         total, _ = self.weighted_loss(losses)
         size = batch["batch_size"]
@@ -65,13 +67,16 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch["batch_size"] == 0:
             return
+        self.method.stage_weights = self.config.weights_at(self.global_step, self.current_epoch)
         losses = self.method.losses(batch)
         total, _ = self.weighted_loss(losses)
         self.log("val/loss", total, prog_bar=True, batch_size=batch["batch_size"], sync_dist=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         for index, stage in enumerate(self.config.stages):
-            if index in self._started_stages or not stage_started(stage, self.global_step, self.current_epoch):
+            if index in self._started_stages or not stage_started(
+                stage, self.global_step, self.current_epoch, self.config.trainer.max_steps
+            ):
                 continue
             self._started_stages.add(index)
             reset = stage.reset_optimizer and self.global_step > 0
@@ -106,8 +111,20 @@ class PretrainModule(L.LightningModule):
             self.method.ema.update(self.method)
 
     # -- optimiser --------------------------------------------------------------------------------------------
+    def _stage_optim(self) -> tuple[float, int]:
+        """Peak lr and warm-up of the optimiser in force: the last started stage that re-created it may set its own
+        (PRIOR: stage 3 at half the lr with a longer warm-up); read from the started stages, so a resume agrees."""
+        lr, warmup = self.config.optim.lr, self.config.optim.warmup_steps
+        for index in sorted(self._started_stages):
+            stage = self.config.stages[index]
+            if stage.reset_optimizer:
+                lr = stage.lr if stage.lr is not None else self.config.optim.lr
+                warmup = stage.warmup_steps if stage.warmup_steps is not None else self.config.optim.warmup_steps
+        return lr, warmup
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.config.optim
+        base_lr, warmup_steps = self._stage_optim()
         groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
         for name, param in self.method.named_parameters():
             if not param.requires_grad or name.startswith("ema."):
@@ -119,14 +136,14 @@ class PretrainModule(L.LightningModule):
             no_decay = param.ndim <= 1 or name.endswith(".bias")  # norms, biases, temperatures: no weight decay
             groups.setdefault((factor, no_decay), []).append(param)
         param_groups = [
-            {"params": params, "lr": optim.lr * factor, "weight_decay": 0.0 if no_decay else optim.weight_decay}
+            {"params": params, "lr": base_lr * factor, "weight_decay": 0.0 if no_decay else optim.weight_decay}
             for (factor, no_decay), params in groups.items()
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas)
+        optimizer = torch.optim.AdamW(param_groups, lr=base_lr, betas=optim.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches) - self._optimizer_start_step)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: lr_lambda(step, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio),
+            lambda step: lr_lambda(step, warmup_steps, total, optim.schedule, optim.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -153,6 +153,7 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback]
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
+        sync_batchnorm=t.sync_batchnorm,
         precision=resolve_precision(t.precision),  # type: ignore[arg-type]
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
