@@ -189,3 +189,30 @@ def test_three_stages_on_a_short_run(simulated_manifest, tmp_path, caplog):
     a = model.encode_texts(["Small left pleural effusion.", "Normal heart size."])
     b = model.encode_texts(["Small left pleural effusion.", "Normal heart size."])
     assert torch.equal(a, b) and a.shape == (2, 128)
+
+    # PRIOR's local zero-shot score through the evaluation suite, at the protocol's image size (128 px, a 4x4
+    # grid, while the model trained at 64 px on 2x2: the pool's positions are resized)
+    from radalign.evaluation.run import evaluate
+
+    overrides = {"bootstrap": 10, "tasks.zero_shot.local_weight": 0.5}
+    results = evaluate(result.export, "quick", tmp_path / "eval", data=simulated_manifest, tasks=["zero_shot"],
+                       overrides=overrides, progress=False)  # fmt: skip
+    auroc = results["tasks"]["zero_shot"]["metrics"]["auroc"]["value"]
+    assert 0.0 <= auroc <= 1.0
+
+
+def test_clip_style_pool_resizes_its_positions_for_another_grid():
+    from radalign.errors import ConfigError
+    from radalign.models.pooling import AttentionPool
+
+    torch.manual_seed(0)
+    pool = AttentionPool(8, heads=2, query="mean", out_dim=4, grid=(2, 2))
+    x = torch.randn(3, 4, 8)
+    pooled, weights = pool(x, None, (2, 2))
+    assert pooled.shape == (3, 4) and weights.shape == (3, 4)
+    assert ((weights.sum(dim=1) > 0) & (weights.sum(dim=1) < 1)).all()  # the mean token takes its share
+    torch.testing.assert_close(pool(x)[0], pooled)  # no grid given: the trained one
+    bigger, big_weights = pool(torch.randn(3, 16, 8), None, (4, 4))
+    assert bigger.shape == (3, 4) and big_weights.shape == (3, 16) and torch.isfinite(bigger).all()
+    with pytest.raises(ConfigError, match="2x2 grid"):
+        pool(torch.randn(3, 16, 8))

@@ -81,8 +81,7 @@ class PRIOR(Method):
         grid = self._grid(config.loader.image_size)
         heads = int(options["pool_heads"])
         # CLIP's AttentionPool2d over the C-dim grid (positional embedding, mean token), projecting to E.
-        cells = grid[0] * grid[1]
-        self.image_pool = AttentionPool(image_dim, heads=heads, query="mean", out_dim=embed, positions=cells)
+        self.image_pool = AttentionPool(image_dim, heads=heads, query="mean", out_dim=embed, grid=grid)
         self.patch_head = nn.Linear(image_dim, embed)
         self.token_head = nn.Linear(text_dim, embed)  # sentences = mean of projected tokens = head(mean of tokens)
         self.text_pool = AttentionPool(embed, heads=heads, query="mean")
@@ -125,7 +124,7 @@ class PRIOR(Method):
     def _images(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
         """-> global (B, E), patches (B, N, E) in row-major grid order, patch mask (B, N), grid (h, w)."""
         out = self.image_encoder(images)
-        pooled, _ = self.image_pool(out.local, out.local_mask)
+        pooled, _ = self.image_pool(out.local, out.local_mask, out.grid_shape)
         return pooled, self.patch_head(out.local), out.local_mask, tuple(out.grid_shape)
 
     def _sentences(self, text: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radalign.errors import ConfigError
@@ -31,9 +32,10 @@ class AttentionPool(nn.Module):
     The query is a learned vector (``query="learned"``) or the masked mean of the inputs (``"mean"``, as CLIP's
     AttentionPool2d and PRIOR do). Weights are averaged over heads and sum to 1 over the unmasked inputs.
 
-    ``positions=N`` makes it CLIP's AttentionPool2d exactly: a learned positional embedding for the mean token and
-    the N inputs (a fixed grid), and the mean token is also one of the keys; the returned weights are then those
-    of the N inputs (summing to 1 minus the mean token's share).
+    ``grid=(h, w)`` makes it CLIP's AttentionPool2d: a learned positional embedding for the mean token and the
+    h * w inputs, and the mean token is also one of the keys; the returned weights are then those of the inputs
+    (summing to 1 minus the mean token's share). Another grid (images of another size) gets the embedding
+    resized bicubically, as CLIP does for other resolutions.
     """
 
     def __init__(
@@ -42,7 +44,7 @@ class AttentionPool(nn.Module):
         heads: int = 1,
         query: Literal["learned", "mean"] = "learned",
         out_dim: int | None = None,
-        positions: int | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -52,16 +54,20 @@ class AttentionPool(nn.Module):
         self.heads = heads
         self.query_kind = query
         self.query = nn.Parameter(torch.randn(dim) * dim**-0.5) if query == "learned" else None
-        if positions is not None and query != "mean":
-            raise ConfigError("attention pool: positions (CLIP's AttentionPool2d) go with query='mean'")
-        self.positional = nn.Parameter(torch.randn(positions + 1, dim) * dim**-0.5) if positions else None
+        if grid is not None and query != "mean":
+            raise ConfigError("attention pool: a positional grid (CLIP's AttentionPool2d) goes with query='mean'")
+        self.grid = tuple(grid) if grid is not None else None
+        self.positional = nn.Parameter(torch.randn(grid[0] * grid[1] + 1, dim) * dim**-0.5) if grid else None
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, out_dim or dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, N, D), mask (B, N) bool (True = real) -> pooled (B, out_dim), weights (B, N)."""
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, grid_shape: tuple[int, ...] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, N, D), mask (B, N) bool (True = real) -> pooled (B, out_dim), weights (B, N); ``grid_shape`` is
+        the (h, w) of the N inputs when the pool has a positional grid."""
         b, n, d = x.shape
         h, hd = self.heads, d // self.heads
         if self.query is not None:
@@ -72,12 +78,7 @@ class AttentionPool(nn.Module):
             m = mask.to(x.dtype).unsqueeze(-1)
             q = (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
         if self.positional is not None:
-            if n + 1 != self.positional.shape[0]:
-                raise ConfigError(
-                    f"attention pool: built for a grid of {self.positional.shape[0] - 1} cells, got {n}; the image "
-                    "size must match the one the model was built for"
-                )
-            pos = self.positional.to(x.dtype)
+            pos = self._positions(n, grid_shape).to(x.dtype)
             q = q + pos[0]
             x = torch.cat([q.unsqueeze(1), x + pos[1:]], dim=1)  # the mean token is a key too, as in CLIP
             if mask is not None:
@@ -93,6 +94,23 @@ class AttentionPool(nn.Module):
         if self.positional is not None:
             weights = weights[:, 1:]
         return self.out_proj(pooled), weights
+
+
+    def _positions(self, n: int, grid_shape: tuple[int, ...] | None) -> Tensor:
+        assert self.positional is not None and self.grid is not None
+        if grid_shape is None or tuple(grid_shape) == self.grid:
+            if n + 1 != self.positional.shape[0]:
+                raise ConfigError(
+                    f"attention pool: built for a {self.grid[0]}x{self.grid[1]} grid, got {n} inputs and no grid "
+                    "shape to resize its positional embedding to"
+                )
+            return self.positional
+        h, w = (int(v) for v in grid_shape)
+        if h * w != n:
+            raise ConfigError(f"attention pool: grid {grid_shape} does not hold {n} inputs")
+        table = self.positional[1:].T.reshape(1, -1, *self.grid)  # (1, D, h0, w0)
+        resized = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([self.positional[:1], resized.reshape(-1, h * w).T], dim=0)
 
 
 def segment_mean(values: Tensor, index: Tensor, num_segments: int | None = None) -> tuple[Tensor, Tensor]:
