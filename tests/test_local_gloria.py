@@ -163,3 +163,19 @@ def test_global_loss_is_symmetric_cosine_cross_entropy():
     )
     torch.testing.assert_close(gloria_global_loss(img, txt), expected / 5)
     assert math.isfinite(float(gloria_global_loss(img, img)))
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_recomputed_scores_equal_the_all_at_once_ones(chunk):
+    """chunk_size bounds memory (reports a chunk at a time, recomputed in backward) without changing anything."""
+    words, word_mask, regions, region_mask = _batch()
+    grads = []
+    for size in (None, chunk):
+        w, r = words.clone().requires_grad_(), regions.clone().requires_grad_()
+        loss = GloriaLocalLoss(chunk_size=size)(r, region_mask, w, word_mask)
+        loss.backward()
+        grads.append((loss.detach(), w.grad, r.grad))
+    for whole, chunked in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(chunked, whole)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        gloria_local_scores(words, word_mask, regions, region_mask, chunk_size=0)

@@ -25,7 +25,7 @@ from radalign.objectives.local.gloria import GloriaLocalLoss, gloria_global_loss
 from radalign.training.config import check_options
 
 MODEL_OPTIONS = {"local_stride": 16}
-LOCAL_OPTIONS = {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0, "agg": "sum"}
+LOCAL_OPTIONS = {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0, "agg": "sum", "chunk_size": None}
 GLOBAL_OPTIONS = {"temp3": 10.0}
 PROMPT_CHUNK = 64  # prompts scored at once by local_similarity: the all-pairs context is (B, P, W, D)
 
@@ -57,8 +57,13 @@ class GLoRIA(Method):
         self.local_head = nn.Conv2d(local_channels, model.embed_dim, kernel_size=1)  # GLoRIA's local_embedder
         self.text_head = ProjectionHead(self.text_encoder.out_dim, model.embed_dim, kind=model.projection)
         self.word_head = nn.Linear(self.text_encoder.out_dim, model.embed_dim)
+        chunk = local["chunk_size"]
         self.local_loss = GloriaLocalLoss(
-            float(local["temp1"]), float(local["temp2"]), float(local["temp3"]), str(local["agg"])
+            float(local["temp1"]),
+            float(local["temp2"]),
+            float(local["temp3"]),
+            str(local["agg"]),
+            None if chunk is None else int(chunk),
         )
         self.setup_ema()
 
