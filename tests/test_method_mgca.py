@@ -89,7 +89,8 @@ def test_vit_patch_weights_are_its_cls_attention(simulated_manifest, monkeypatch
     assert weights is not None and weights.shape == (4, 16)  # 64 px / 16 = a 4 x 4 grid
     assert not torch.allclose(weights, torch.full_like(weights, 1 / 16))  # an attention map, not uniform
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
-    assert seen["word_weights"] is None  # [design] uniform words until the text [CLS] attention is exposed
+    words = seen["word_weights"]  # the text [CLS] attention mass per word (tested in detail below)
+    assert words is not None and words.shape[0] == 4 and not words.requires_grad
 
 
 def test_stage_switches_the_prototype_loss_on_and_the_export_embeds(simulated_manifest, tmp_path):
@@ -125,3 +126,95 @@ def test_stage_switches_the_prototype_loss_on_and_the_export_embeds(simulated_ma
     texts = model.encode_texts(["Small left pleural effusion.", "No pneumothorax."])
     assert images.shape == texts.shape == (2, config.model.embed_dim)
     torch.testing.assert_close(texts.norm(dim=1), torch.ones(2))
+
+
+def _spy_token_loss(monkeypatch):
+    seen: dict[str, torch.Tensor | None] = {}
+    original = radalign.methods.mgca.mgca_token_loss
+
+    def spy(*args, **kwargs):
+        seen["word_weights"] = kwargs["word_weights"]
+        seen["word_mask"] = args[3]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(radalign.methods.mgca, "mgca_token_loss", spy)
+    return seen
+
+
+def test_word_weights_are_the_cls_attention_mass_of_each_word(simulated_manifest, monkeypatch):
+    from radalign.methods.registry import build_method
+
+    torch.manual_seed(0)
+    config = tiny_mgca(simulated_manifest)
+    assert config.model.options.get("word_weights") is None  # the default applies
+    data, batch = first_batch(config)
+    method = build_method(config, tokenizer=data.tokenizer).eval()  # eval: no dropout, so two passes agree
+    seen = _spy_token_loss(monkeypatch)
+    assert torch.isfinite(method.losses(batch)["token"])
+    got, word_mask = seen["word_weights"], seen["word_mask"]
+    text = batch
+    with torch.no_grad():
+        out = method.text_encoder(
+            text["input_ids"], text["attention_mask"], token_word=text["token_word"], cls_attention=True
+        )
+    attention, token_word = out.cls_attention, text["token_word"]
+    assert (token_word < 0).any() and (text["attention_mask"] == 0).any()  # premise: special tokens, padding
+    b, w = word_mask.shape
+    want = torch.zeros(b, w)
+    for i in range(b):
+        for j in range(w):
+            want[i, j] = attention[i, token_word[i] == j].sum()  # all of the word's pieces
+    assert got is not None and got.shape == (b, w) and not got.requires_grad
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.all(got[~word_mask] == 0) and torch.all(got[word_mask] > 0)
+    assert torch.all(got.sum(dim=1) < 1)  # [CLS] / [SEP] mass belongs to no word
+    pieces = (token_word[:, :, None] == torch.arange(w)[None, None]).sum(dim=1)  # (B, W) tokens per word
+    assert (pieces > 1).any()  # premise: some word has several pieces, so sum and mean differ
+
+
+def test_uniform_word_weights_option_changes_only_the_token_loss(simulated_manifest, monkeypatch):
+    from radalign.errors import ConfigError
+    from radalign.methods.registry import build_method
+
+    torch.manual_seed(0)
+    config = tiny_mgca(simulated_manifest)
+    data, batch = first_batch(config)
+    attended = build_method(config, tokenizer=data.tokenizer).eval()
+    uniform_config = tiny_mgca(simulated_manifest, **{"model.options.word_weights": "uniform"})
+    uniform = build_method(uniform_config, tokenizer=data.tokenizer).eval()
+    uniform.load_state_dict(attended.state_dict())  # same weights: only the word weighting differs
+    seen = _spy_token_loss(monkeypatch)
+    with torch.no_grad():
+        a = attended.losses(batch)
+        assert seen["word_weights"] is not None
+        u = uniform.losses(batch)
+        assert seen["word_weights"] is None
+    torch.testing.assert_close(a["instance"], u["instance"])
+    assert abs(float(a["token"]) - float(u["token"])) > 1e-4
+    with pytest.raises(ConfigError, match="word_weights"):
+        build_method(tiny_mgca(simulated_manifest, **{"model.options.word_weights": "mean"}), data.tokenizer)
+    with pytest.raises(ConfigError, match="word_weight"):
+        build_method(tiny_mgca(simulated_manifest, **{"model.options.word_weight": "uniform"}), data.tokenizer)
+
+
+def test_attention_weighted_losses_reach_every_trainable_part(simulated_manifest, monkeypatch):
+    from radalign.methods.registry import build_method
+
+    torch.manual_seed(0)
+    config = tiny_mgca(simulated_manifest, **{"model.text.freeze_layers": 4})  # the tiny config's own freezing
+    data, batch = first_batch(config)
+    method = build_method(config, tokenizer=data.tokenizer)
+    seen = _spy_token_loss(monkeypatch)
+    losses = method.losses(batch)
+    assert seen["word_weights"] is not None and not seen["word_weights"].requires_grad  # fixed weights
+    sum(losses.values()).backward()
+    trainable = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    text_layers = [n for n, _ in trainable if n.startswith("text_encoder.")]
+    assert text_layers and all(".layer.4." in n or ".layer.5." in n for n in text_layers)
+    reached = {n for n, p in trainable if p.grad is not None and p.grad.abs().sum() > 0}
+    # every trainable tensor of the text encoder, the four heads and the prototypes; in the random ResNet-18 only
+    # the parts before each block's last BatchNorm get none (timm zero-initialises its gamma: zero_init_last)
+    missing = [n for n, _ in trainable if n not in reached and not n.startswith("image_encoder.")]
+    assert missing == [], missing
+    image = [n for n, _ in trainable if n.startswith("image_encoder.")]
+    assert all(n in reached for n in image if not n.split(".")[2].startswith("layer") or ".bn2." in n)

@@ -240,3 +240,57 @@ def test_projection_heads():
     assert torch.allclose(linear(x), linear.net[1](x))
     with pytest.raises(ConfigError):
         ProjectionHead(16, 8, kind="conv")
+
+
+def _eager_cls_attention(model, input_ids, attention_mask):
+    """The reference: transformers' own eager attention probabilities, last layer, [CLS] row, mean over heads."""
+    import copy
+
+    eager = copy.deepcopy(model).eval()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+    return out.attentions[-1][:, :, 0].mean(dim=1)
+
+
+@pytest.mark.parametrize("sum_last_layers", [1, 2])
+def test_text_cls_attention_equals_eager_attention(wordpiece, minilm_tokenizer, sum_last_layers):
+    tokenizer, _ = wordpiece
+    batch = _batch(tokenizer, REPORTS)
+    assert (batch["attention_mask"] == 0).any()  # premise: padding
+    tiny = {"name": "tiny", "tiny": {"hidden": 32, "layers": 3, "heads": 4}, "sum_last_layers": sum_last_layers}
+    minilm = HFTextEncoder("minilm", sum_last_layers=sum_last_layers).eval()
+    reports = ["Small left pleural effusion.", "No pneumothorax or focal consolidation is seen today."]
+    mini = minilm_tokenizer(reports, padding=True, return_tensors="pt")
+    assert (mini["attention_mask"] == 0).any()
+    cases = [
+        (build_text_encoder(tiny, vocab_size=len(tokenizer)).eval(), batch["input_ids"], batch["attention_mask"]),
+        (minilm, mini["input_ids"], mini["attention_mask"]),
+    ]
+    for encoder, ids, mask in cases:
+        want = _eager_cls_attention(encoder.model, ids, mask)
+        with torch.no_grad():
+            out = encoder(ids, mask, cls_attention=True)
+            plain = encoder(ids, mask)
+        assert plain.cls_attention is None  # only filled when asked
+        torch.testing.assert_close(out.tokens, plain.tokens)  # asking changes nothing else
+        assert out.cls_attention.shape == ids.shape and out.cls_attention.dtype == torch.float32
+        torch.testing.assert_close(out.cls_attention, want, atol=1e-6, rtol=1e-5)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            low = encoder(ids, mask, cls_attention=True).cls_attention
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, want, atol=1e-2, rtol=0)
+
+
+def test_text_cls_attention_rows_sum_to_one_over_real_tokens(wordpiece):
+    tokenizer, _ = wordpiece
+    batch = _batch(tokenizer, REPORTS)
+    encoder = build_text_encoder({"name": "tiny", "tiny": {"hidden": 32}}, vocab_size=len(tokenizer))
+    out = encoder(batch["input_ids"], batch["attention_mask"], cls_attention=True)  # training mode: dropout on
+    weights, real = out.cls_attention, batch["attention_mask"].bool()
+    assert (~real).any() and torch.all(weights[~real] == 0)
+    assert torch.all(weights[real] > 0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(len(weights)))
+    weights[:, 1].sum().backward()  # differentiable: callers that want fixed weights detach
+    grad = encoder.model.encoder.layer[-1].attention.self.query.weight.grad
+    assert grad is not None and grad.abs().sum() > 0

@@ -3,18 +3,26 @@
 Three objectives, returned unweighted (the stage schedule weighs them: instance 1, token 0.7, prototype 0.5):
 
 - ``instance``: InfoNCE between the projected image and report globals (tau 0.07, ``build_infonce``);
-- ``token``: :func:`mgca_token_loss` between the projected patches and the projected words (tau 0.1), patches
-  weighted by the ViT [CLS] attention (uniform for CNNs);
+- ``token``: :func:`mgca_token_loss` between the projected patches and the projected words (tau 0.1), words
+  weighted by the text [CLS] attention (clipped to its 10th-90th percentile by the loss), patches by the ViT [CLS]
+  attention (uniform for CNNs);
 - ``prototype``: :class:`PrototypeLoss` (500 prototypes, Sinkhorn-Knopp codes, swapped prediction, tau 0.2) on
   the projected globals, switched on after the warm-up by a stage (its own weight is 0 until then).
 
 As in MGCA's code, globals and locals have their own projection heads (``global_embed`` / ``local_embed``), so the
 token loss aligns patches and words in a local space next to the global one.
 
+Word weights (``model.options.word_weights``): ``cls_attention`` (default, as MGCA's code) is the last text layer's
+[CLS] -> token attention averaged over heads (``TextOutput.cls_attention``), summed over each word's word pieces
+through the data layer's ``token_word`` (so a word's weight is the attention mass on it) and detached, as MGCA
+computes them under ``torch.no_grad``; ``uniform`` weighs every word equally.
+
 [design] differences from MGCA:
-- word weights are uniform: MGCA weights words by the text [CLS] -> word attention clipped to its 10th-90th
-  percentile, but the text encoder does not expose that attention yet (a follow-up can pass it as
-  ``word_weights``; :func:`mgca_token_loss` already clips it);
+- word weights: the [CLS] attention is recomputed from the last layer's input before attention dropout (MGCA's
+  BLIP-style BERT also returns the pre-dropout probabilities); [CLS], [SEP] and padding belong to no word, so
+  [SEP] gets no weight and the [CLS] / [SEP] attention mass is left out (MGCA keeps [SEP] as a word); and each
+  word gets the attention on its own pieces (MGCA's ``aggregate_tokens`` pairs the token-i embedding with the
+  attention of token i + 1, since it slices [CLS] off the attention but not the embeddings: a shift by one);
 - ``encode_image_locals`` returns the local-head patches (the space the token loss trains against words);
   phrase grounding compares them with ``encode_texts`` (the global text head), a space MGCA never ties them to.
 """
@@ -32,11 +40,14 @@ from radalign.methods.builders import build_image_encoder, build_infonce, build_
 from radalign.methods.registry import register
 from radalign.models.heads import ProjectionHead
 from radalign.models.outputs import ImageOutput, TextOutput
+from radalign.models.pooling import segment_sum
 from radalign.objectives.local.mgca import mgca_token_loss
 from radalign.objectives.prototype import PrototypeLoss
 from radalign.training.config import check_options
 
 HEAD_OPTIONS = ("head_hidden_dim", "head_norm", "head_output_norm")
+MODEL_OPTIONS = {"word_weights": "cls_attention"}
+WORD_WEIGHTS = ("cls_attention", "uniform")
 
 
 @register("mgca")
@@ -46,7 +57,13 @@ class MGCA(Method):
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
         model = config.model
-        check_options("mgca model.options", model.options, {}, HEAD_OPTIONS)
+        options = check_options("mgca model.options", model.options, MODEL_OPTIONS, HEAD_OPTIONS)
+        if options["word_weights"] not in WORD_WEIGHTS:
+            raise ConfigError(
+                f"mgca model.options.word_weights must be one of {', '.join(WORD_WEIGHTS)}, "
+                f"got {options['word_weights']!r}"
+            )
+        self.word_weighting = str(options["word_weights"])
         head = {
             "kind": model.projection,
             "hidden_dim": model.options.get("head_hidden_dim"),
@@ -71,12 +88,14 @@ class MGCA(Method):
             raise ConfigError(f"objectives.prototype: {err}") from err
         self.setup_ema()
 
-    def _text(self, text: dict[str, torch.Tensor]) -> TextOutput:
+    def _text(self, text: dict[str, torch.Tensor], cls_attention: bool = False) -> TextOutput:
+        kwargs = {"cls_attention": True} if cls_attention else {}
         return self.text_encoder(
             text["input_ids"],
             text["attention_mask"],
             token_sentence=text.get("token_sentence"),
             token_word=text.get("token_word"),
+            **kwargs,
         )
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,21 +108,28 @@ class MGCA(Method):
     def encode_texts(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.normalize(self.text_head(self._text(text).global_emb), dim=-1)
 
+    def word_weights(self, text: TextOutput) -> torch.Tensor | None:
+        """(B, W) detached [CLS] attention mass on each word (the sum over its tokens); None = uniform."""
+        if self.word_weighting == "uniform" or text.cls_attention is None or text.token_word is None:
+            return None
+        return segment_sum(text.cls_attention.detach(), text.token_word, text.words.shape[1])
+
     def token_loss(self, image: ImageOutput, text: TextOutput) -> torch.Tensor:
-        """MGCA's token level; word weights uniform until the text encoder exposes its [CLS] attention."""
+        """MGCA's token level: words weighted by :meth:`word_weights` (clipped by the loss), patches by the ViT's."""
         return mgca_token_loss(
             self.image_local_head(image.local),
             image.local_mask,
             self.text_local_head(text.words),
             text.word_mask,
-            word_weights=None,
+            word_weights=self.word_weights(text),
             patch_weights=image.attention,  # ViT [CLS] -> patch attention; None (uniform) for CNNs
             tau=self.token_temperature,
         )
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         text_batch = require_text(batch, self.config.method)
-        image, text = self.image_encoder(batch["image"]), self._text(text_batch)
+        want_attention = self.word_weighting == "cls_attention"
+        image, text = self.image_encoder(batch["image"]), self._text(text_batch, cls_attention=want_attention)
         if text.words.shape[1] == 0:
             raise ConfigError("mgca needs word indices (token_word) in every batch for its token-level loss")
         image_global = F.normalize(self.image_head(image.global_emb), dim=-1)

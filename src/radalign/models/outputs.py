@@ -46,6 +46,8 @@ class TextOutput:
 
     Words and sentences are mean-pooled from their tokens through the data layer's indices, so word pieces and
     truncation are handled once, there. A batch encoded without indices has W = 0 / S = 0 (empty tensors).
+    ``cls_attention`` is the [CLS] -> token attention of the last transformer layer (averaged over heads, each row
+    sums to 1 over the real tokens, 0 on padding); ``None`` unless the encoder was asked for it.
     """
 
     global_emb: Tensor  # (B, D): [CLS], masked mean or attention pool, per the encoder's ``pooling``
@@ -58,6 +60,7 @@ class TextOutput:
     token_sentence: Tensor  # (B, T) long, sentence index of each token, -1 = none
     token_word: Tensor | None = None  # (B, T) long, word index of each token, -1 = none
     pool_weights: Tensor | None = None  # (B, T) the attention-pool weights when pooling == "attention"
+    cls_attention: Tensor | None = None  # (B, T)
 
     @property
     def n_sentences(self) -> Tensor:

@@ -95,7 +95,6 @@ class AttentionPool(nn.Module):
             weights = weights[:, 1:]
         return self.out_proj(pooled), weights
 
-
     def _positions(self, n: int, grid_shape: tuple[int, ...] | None) -> Tensor:
         assert self.positional is not None and self.grid is not None
         if grid_shape is None or tuple(grid_shape) == self.grid:
@@ -131,3 +130,19 @@ def segment_mean(values: Tensor, index: Tensor, num_segments: int | None = None)
     counts = member.sum(dim=2)  # (B, S)
     weights = member.to(values.dtype) / counts.clamp_min(1).unsqueeze(-1).to(values.dtype)
     return weights @ values, counts > 0
+
+
+def segment_sum(values: Tensor, index: Tensor, num_segments: int | None = None) -> Tensor:
+    """Sum of the per-token scalars of each segment: values (B, T), index (B, T) with -1 = none -> (B, S).
+
+    MGCA's word weight is the [CLS] attention mass on the word, i.e. the sum over its word pieces. S defaults to
+    the largest index + 1 in the batch; empty segments are 0. One (B, S, T) @ (B, T, 1) matmul, as
+    :func:`segment_mean`.
+    """
+    if values.shape != index.shape:
+        raise ValueError(f"segment index has shape {tuple(index.shape)}, expected {tuple(values.shape)}")
+    if num_segments is None:
+        num_segments = int(index.max().item()) + 1 if index.numel() else 0
+    segments = torch.arange(max(num_segments, 0), device=index.device)
+    member = index.unsqueeze(1) == segments[None, :, None]  # (B, S, T); -1 matches no segment
+    return (member.to(values.dtype) @ values.unsqueeze(-1)).squeeze(-1)

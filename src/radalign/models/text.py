@@ -3,6 +3,12 @@
 Token embeddings are the last hidden states (optionally the sum of the last K layers, as GLoRIA does); word and
 sentence embeddings are the means of their tokens through the data layer's token -> word / sentence indices
 (:func:`radalign.models.pooling.segment_mean`), so every method sees the same segmentation.
+
+On request (``cls_attention=True``) the encoder also returns the last layer's [CLS] -> token attention, averaged
+over heads (MGCA weights its words with it). transformers' SDPA kernels never materialise attention
+probabilities, so it is recomputed from the last layer's input hidden state with that layer's own query / key
+projections, for the [CLS] query only: one (B, H, 1, T) score row, cheaper than switching layers to eager
+attention, and exactly eager attention's softmax before its dropout.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from torch import Tensor, nn
 
 from radalign.errors import ConfigError
 from radalign.models.outputs import TextOutput
-from radalign.models.pooling import AttentionPool, segment_mean
+from radalign.models.pooling import AttentionPool, masked_softmax, segment_mean
 
 Pooling = Literal["cls", "mean", "attention"]
 
@@ -80,6 +86,39 @@ def _find(model: nn.Module, paths: tuple[str, ...]) -> Any:
     return None
 
 
+def _last_self_attention(model: nn.Module) -> nn.Module:
+    """The last layer's BERT-style self-attention (``query`` / ``key`` projections), for :func:`cls_token_attention`."""
+    stack = _find(model, ("encoder.layer", "encoder.layers", "layers"))
+    module = _find(stack[-1], ("attention.self",)) if stack is not None and len(stack) else None
+    position = getattr(getattr(model, "config", None), "position_embedding_type", "absolute")
+    ok = module is not None and all(hasattr(module, a) for a in ("query", "key", "num_attention_heads"))
+    if not ok or position not in (None, "absolute"):
+        raise ConfigError(
+            f"text encoder {type(model).__name__}: cls_attention needs a BERT-style last layer (self-attention with "
+            "query / key projections and absolute positions); this model has none"
+        )
+    return module
+
+
+def cls_token_attention(attention: nn.Module, hidden: Tensor, token_mask: Tensor) -> Tensor:
+    """[CLS] -> token attention of one BERT self-attention layer, averaged over heads: (B, T), rows summing to 1
+    over the real tokens of ``token_mask`` (B, T) bool and exactly 0 on padding.
+
+    ``hidden`` (B, T, D) is the layer's input. Scores and softmax are in float32 (under autocast too); the result
+    keeps its graph (callers that use it as fixed weights detach it). This is eager attention's softmax before its
+    dropout, i.e. ``output_attentions[-1][:, :, 0].mean(1)`` of an eager model in eval mode.
+    """
+    b, t, _ = hidden.shape
+    heads = int(attention.num_attention_heads)
+    q = attention.query(hidden[:, :1]).view(b, 1, heads, -1).transpose(1, 2).float()  # (B, H, 1, hd)
+    k = attention.key(hidden).view(b, t, heads, -1).transpose(1, 2).float()  # (B, H, T, hd)
+    scaling = float(getattr(attention, "scaling", q.shape[-1] ** -0.5))
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        scores = (q @ k.transpose(-2, -1)) * scaling  # (B, H, 1, T)
+        weights = masked_softmax(scores, token_mask[:, None, None, :])
+    return weights.mean(dim=1)[:, 0]
+
+
 class HFTextEncoder(nn.Module):
     """A transformers encoder -> :class:`TextOutput` (global, tokens, words, sentences with masks).
 
@@ -130,11 +169,14 @@ class HFTextEncoder(nn.Module):
         token_sentence: Tensor | None = None,
         token_word: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
+        cls_attention: bool = False,
     ) -> TextOutput:
         """Tokenised text (B, T) with the data layer's indices (-1 = none) -> :class:`TextOutput`.
 
         ``inputs_embeds`` replaces ``input_ids`` (continuous prompts). Without ``token_sentence`` /
-        ``token_word`` the word and sentence fields are empty (W = S = 0).
+        ``token_word`` the word and sentence fields are empty (W = S = 0). ``cls_attention=True`` also fills
+        ``TextOutput.cls_attention`` (the last layer's [CLS] -> token attention, :func:`cls_token_attention`);
+        BERT-style models only.
         """
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
@@ -143,11 +185,17 @@ class HFTextEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=reference.device)
         many = self.sum_last_layers > 1
+        attention = _last_self_attention(self.model) if cls_attention else None
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, output_hidden_states=many
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=many or cls_attention,
         )
         tokens = torch.stack(out.hidden_states[-self.sum_last_layers :]).sum(0) if many else out.last_hidden_state
         token_mask = attention_mask.bool()
+        # hidden_states[-2] is the last layer's input (hidden_states = embeddings, then every layer's output)
+        cls_weights = None if attention is None else cls_token_attention(attention, out.hidden_states[-2], token_mask)
         pool_weights = None
         if self.pooling == "cls":
             global_emb = tokens[:, 0]
@@ -172,6 +220,7 @@ class HFTextEncoder(nn.Module):
             token_sentence=token_sentence,
             token_word=token_word,
             pool_weights=pool_weights,
+            cls_attention=cls_weights,
         )
 
 
