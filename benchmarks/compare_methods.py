@@ -6,7 +6,10 @@ evaluated under ``quick`` on the test split: zero-shot AUROC, image->report R@10
 linear segmentation Dice, detection mAP and the pointing game. Rows are methods; each cell is the mean over
 pre-training seeds ± their standard deviation (with one seed: the task's own interval or evaluation-seed std).
 
-Every run is its own process and is skipped when its output exists, so an interrupted comparison resumes:
+Every run is its own process and is skipped when its output exists, so an interrupted comparison resumes. A run
+in progress holds a lock file (``<run>/.lock``), so several copies of the command share the work: on 2 cores,
+two copies with ``OMP_NUM_THREADS=1`` finish sooner than one with two threads (and a run killed mid-way leaves its
+lock behind: delete it to run that one again):
 
     .venv/bin/python benchmarks/compare_methods.py --out bench_out/compare                # 5 methods x 2 seeds
     .venv/bin/python benchmarks/compare_methods.py --methods clip,gloria --seeds 0 --steps 50   # a quick look
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -65,9 +69,26 @@ def ensure_data(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def run_one(method: str, seed: int, manifest: Path, cache: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Pre-train and evaluate one method and seed unless done or locked by another copy of this command."""
+    run = args.out / f"{method}-seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / ".lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        print(f"{run.name}: another copy holds {lock}; skipped (delete the lock if no copy is running)")
+        return {}
+    try:
+        return _pretrain_and_evaluate(method, seed, run, manifest, cache, args)
+    finally:
+        lock.unlink()
+
+
+def _pretrain_and_evaluate(
+    method: str, seed: int, run: Path, manifest: Path, cache: Path, args: argparse.Namespace
+) -> dict[str, float]:
     from radalign.training.config import find_config
 
-    run = args.out / f"{method}-seed{seed}"
     timings: dict[str, float] = {}
     if not (run / "export" / "model.safetensors").is_file():
         start = time.perf_counter()
@@ -173,12 +194,13 @@ def main() -> None:
     if not args.table_only:
         manifest, cache = ensure_data(args)
         timings_path = args.out / "timings.json"
-        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
         for seed in seeds:  # seed-major: an interrupted comparison still has every method at the first seed
             for method in methods:
                 spent = run_one(method, seed, manifest, cache, args)
-                timings.setdefault(f"{method}-seed{seed}", {}).update(spent)
-                timings_path.write_text(json.dumps(timings, indent=1))
+                if spent:  # re-read first: another copy may have written its own runs' times meanwhile
+                    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+                    timings.setdefault(f"{method}-seed{seed}", {}).update(spent)
+                    timings_path.write_text(json.dumps(timings, indent=1))
     markdown, raw = table(methods, seeds, args.out)
     header = (
         f"{args.steps} pre-training steps per run, `quick` protocol on the test split (evaluation seeds "
