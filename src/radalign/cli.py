@@ -201,7 +201,7 @@ def pretrain(
         out: Run folder: checkpoints/, logs/ (CSV, TensorBoard), export/ (safetensors + config.json).
         max_steps: Stop after this many optimiser steps (overrides trainer.max_steps).
         resume: Continue from OUT/checkpoints/last.ckpt when it exists.
-        method: Registered method name (clip, convirt, gloria, mgca, lovt).
+        method: Registered method name (clip, convirt, gloria, mgca, lovt, prior).
         model: Encoders, projection and embedding size.
         objectives: Per-objective settings and weights, e.g. {global: {weight: 1.0, temperature: 0.07}}.
         stages: Stage schedule: objective weights by step or epoch, optional optimiser reset.

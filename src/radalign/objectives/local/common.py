@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The project's one masked softmax (masked entries exactly 0, an all-masked slice all zeros, never NaN), shared
+# with the attention pools; re-exported here for the local objectives.
+from radalign.models.pooling import masked_softmax
+
+__all__ = ["NEG", "grid_positions", "masked_fill_logits", "masked_mean", "masked_softmax", "normalised_grid_distances"]
+
 NEG = -1e4  # a large negative logit that stays finite in half precision (no NaN from all-masked rows)
 
 
 def masked_fill_logits(logits: Tensor, mask: Tensor) -> Tensor:
     """``logits`` with positions where ``mask`` (broadcastable, True = keep) is False set to a large negative."""
     return logits.masked_fill(~mask, NEG)
-
-
-def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """Softmax over ``dim`` ignoring masked positions; an all-masked slice gives zeros, not NaN."""
-    weights = masked_fill_logits(logits, mask).softmax(dim=dim)
-    return weights * mask.to(weights.dtype)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
