@@ -13,7 +13,11 @@ Two parts, each method in turn (a failure is reported and the next method goes o
   bf16-mixed, then the ``quick`` protocol's tasks on CUDA with short heads: does every code path run on the GPU,
   and are the losses and metrics finite?
 * ``paper``: the method's paper config (ResNet-50 or ViT-B/16 at 224 px, a BERT-base-size text encoder) at batch
-  32 for ``--paper-steps`` steps: step time, samples/s and peak GPU memory.
+  ``--paper-batch`` (32) for ``--paper-steps`` steps: step time, samples/s and peak GPU memory. A staged method
+  (PRIOR) runs its first stage there; ``--paper-stage 3`` starts stages 1-3 at step 0, so the steps are timed
+  with stage 3's decoders and Hungarian matching:
+
+    python benchmarks/gpu_check.py --methods prior --parts paper --paper-stage 3 --paper-batch 98 --out $OUT
 """
 
 from __future__ import annotations
@@ -75,7 +79,11 @@ def step_timer() -> Any:
     return StepTimer()
 
 
-def train(method: str, size: str, data: Path, out: Path, steps: int, cuda: bool) -> dict[str, Any]:
+def train(
+    method: str, size: str, data: Path, out: Path, steps: int, cuda: bool, batch: int = 32, stage: int = 1
+) -> dict[str, Any]:
+    import dataclasses
+
     import torch
 
     from radalign.training.config import find_config, load_config
@@ -103,10 +111,15 @@ def train(method: str, size: str, data: Path, out: Path, steps: int, cuda: bool)
         name = f"{method}-tiny"
     else:
         settings["model.text.tiny"] = BASE_TEXT
-        settings["loader.batch_size"] = 32
+        settings["loader.batch_size"] = batch
         settings["loader.max_length"] = 128
         name = method
     config = load_config(find_config(name), settings)
+    if size == "paper" and stage > 1:
+        if len(config.stages) < stage:
+            raise ValueError(f"--paper-stage {stage}: {name} has {len(config.stages)} stage(s)")
+        starts = {"start_step": 0, "start_epoch": None, "start_fraction": None}
+        config.stages = [dataclasses.replace(s, **starts) if i < stage else s for i, s in enumerate(config.stages)]
     timer = step_timer()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -115,6 +128,8 @@ def train(method: str, size: str, data: Path, out: Path, steps: int, cuda: bool)
     loss = result.metrics.get("train/loss", float("nan"))
     return {
         "image": config.model.image.name,
+        "batch": config.loader.batch_size,
+        "stage": stage if config.stages else None,
         "steps": result.steps,
         "step_s": step_s,
         "samples_per_s": config.loader.batch_size / step_s,
@@ -150,6 +165,8 @@ def main() -> None:
     parser.add_argument("--parts", default="tiny,paper")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--paper-steps", type=int, default=30)
+    parser.add_argument("--paper-batch", type=int, default=32)
+    parser.add_argument("--paper-stage", type=int, default=1, help="staged methods: time this stage (all from step 0)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to try the check itself before a GPU run")
     args = parser.parse_args()
     if args.prepare:
@@ -169,7 +186,9 @@ def main() -> None:
             key = f"{part}/{method}"
             try:
                 steps = args.steps if part == "tiny" else args.paper_steps
-                entry = train(method, part, args.data, args.out / "runs" / key, steps, cuda)
+                entry = train(
+                    method, part, args.data, args.out / "runs" / key, steps, cuda, args.paper_batch, args.paper_stage
+                )
                 if part == "tiny":
                     entry["eval"] = evaluate_on(args.device, entry["export"], args.data, args.out / "eval" / method)
             except Exception as err:  # report and go on: one method's failure must not hide the others'

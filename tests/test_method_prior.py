@@ -182,6 +182,9 @@ def test_three_stages_on_a_short_run(simulated_manifest, tmp_path, caplog):
     assert float(by_step[1]["train/prototype_reconstruction"]) == 0.0
     assert float(by_step[5]["train/prototype_reconstruction"]) > 0.0
     assert float(by_step[5]["train/image_reconstruction"]) > 0.0
+    # the bank's use is logged from stage 2 on, as an effective number of prototypes
+    used = [float(row["train/prototype_perplexity"]) for s, row in by_step.items() if s >= 2]
+    assert used and all(1.0 <= u <= config.model.options["prototypes"] for u in used)
     # stage 3 restarts warm-up at 5e-4 x (1 / warmup_steps) on its first step
     assert float(by_step[4]["train/lr"]) == pytest.approx(5.0e-4 / config.optim.warmup_steps)
     model = load(result.export)

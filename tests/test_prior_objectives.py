@@ -23,6 +23,7 @@ from radalign.objectives.prior import (
     SentencePrototypeBank,
     hungarian_match,
     prototype_kl_loss,
+    prototype_perplexity,
     prototype_reconstruction_loss,
 )
 
@@ -307,6 +308,21 @@ def test_bank_training_is_stochastic_and_gradients_reach_codebook_and_sentences(
 
 
 # -------------------------------------------------------------------------------------------- Hungarian matching
+
+
+def test_prototype_perplexity_counts_the_prototypes_in_use():
+    big = 50.0  # near one-hot assignments
+    one_hot = torch.eye(NP)[[0, 1, 2, 3, 0, 1, 2, 3]] * big  # 8 sentences, 4 prototypes used equally
+    assert float(prototype_perplexity(one_hot)) == pytest.approx(4.0, rel=1e-4)
+    collapsed = torch.eye(NP)[[2] * 8] * big
+    assert float(prototype_perplexity(collapsed)) == pytest.approx(1.0, rel=1e-4)
+    assert float(prototype_perplexity(torch.zeros(8, NP))) == pytest.approx(NP)  # uniform soft assignments
+    # padded sentences do not count: two real rows on prototype 5, padding spread over the others
+    logits = torch.eye(NP)[[5, 5, 0, 1, 2, 3]].reshape(2, 3, NP) * big
+    mask = torch.tensor([[True, False, False], [True, False, False]])
+    logits[1, 0] = logits[0, 0]
+    assert float(prototype_perplexity(logits, mask)) == pytest.approx(1.0, rel=1e-4)
+    assert math.isnan(float(prototype_perplexity(logits, torch.zeros(2, 3, dtype=torch.bool))))
 
 
 @pytest.mark.parametrize(("q", "t"), [(5, 5), (6, 4), (3, 5)])

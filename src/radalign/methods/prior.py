@@ -32,7 +32,12 @@ from radalign.objectives.local.prior import (
     prior_image_local_loss,
     prior_text_local_loss,
 )
-from radalign.objectives.prior import SentencePrototypeBank, prototype_kl_loss, prototype_reconstruction_loss
+from radalign.objectives.prior import (
+    SentencePrototypeBank,
+    prototype_kl_loss,
+    prototype_perplexity,
+    prototype_reconstruction_loss,
+)
 from radalign.training.config import check_options
 
 MODEL_OPTIONS = {
@@ -107,6 +112,7 @@ class PRIOR(Method):
         # Set once training reaches the stage that turns the prototype bank on; saved with the weights, so an
         # exported model encodes text the way it was last trained to (prototypes or raw sentences).
         self.register_buffer("prototypes_active", torch.zeros((), dtype=torch.bool))
+        self._perplexity: Tensor | None = None  # last training batch's prototype_perplexity, for metrics()
         self.setup_ema()
 
     def _grid(self, image_size: int) -> tuple[int, int]:
@@ -146,6 +152,8 @@ class PRIOR(Method):
     def _texts(self, text: dict[str, Tensor]) -> dict[str, Tensor | None]:
         raw, mask = self._sentences(text)
         quantised, spb_loss, logits = self.bank(raw, mask) if self._use_prototypes() else (raw, None, None)
+        if logits is not None and self.training:
+            self._perplexity = prototype_perplexity(logits.detach(), mask)
         pooled, _ = self.text_pool(quantised, mask)
         return {"global": pooled, "sentences": quantised, "mask": mask, "raw": raw, "spb": spb_loss, "logits": logits}
 
@@ -241,4 +249,7 @@ class PRIOR(Method):
         out = {"local_temperature": float(1.0 / self.local_logit_scale.detach().exp())}
         if hasattr(self.contrast, "temperature"):
             out["temperature"] = float(self.contrast.temperature.detach())
+        if self._perplexity is not None:
+            # effective number of prototypes the last batch's sentences use: near 1 means the bank has collapsed
+            out["prototype_perplexity"] = float(self._perplexity)
         return out

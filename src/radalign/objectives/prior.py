@@ -84,6 +84,19 @@ class SentencePrototypeBank(nn.Module):
         return f"n_prototypes={self.n_prototypes}, dim={self.dim}, tau={self.tau}, eval={self.eval_assignment}"
 
 
+def prototype_perplexity(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """exp(entropy) of the batch's mean noise-free assignment softmax(s E^T) over its valid sentences: the
+    effective number of prototypes in use, 1 when every sentence goes to the same prototype (a collapsed bank),
+    n_prototypes when use is uniform. A training diagnostic, not a loss."""
+    rows = logits.reshape(-1, logits.shape[-1]).float()
+    if mask is not None:
+        rows = rows[mask.reshape(-1).bool()]
+    if rows.shape[0] == 0:
+        return logits.new_tensor(float("nan"), dtype=torch.float32)
+    mean = rows.softmax(dim=-1).mean(dim=0)
+    return torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
+
+
 def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
     """Minimum-cost assignment for a (Q, T) cost matrix: (rows, cols) LongTensors of length min(Q, T).
 
