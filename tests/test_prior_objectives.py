@@ -311,17 +311,22 @@ def test_bank_training_is_stochastic_and_gradients_reach_codebook_and_sentences(
 
 
 def test_prototype_perplexity_counts_the_prototypes_in_use():
-    big = 50.0  # near one-hot assignments
-    one_hot = torch.eye(NP)[[0, 1, 2, 3, 0, 1, 2, 3]] * big  # 8 sentences, 4 prototypes used equally
-    assert float(prototype_perplexity(one_hot)) == pytest.approx(4.0, rel=1e-4)
-    collapsed = torch.eye(NP)[[2] * 8] * big
-    assert float(prototype_perplexity(collapsed)) == pytest.approx(1.0, rel=1e-4)
-    assert float(prototype_perplexity(torch.zeros(8, NP))) == pytest.approx(NP)  # uniform soft assignments
-    # padded sentences do not count: two real rows on prototype 5, padding spread over the others
-    logits = torch.eye(NP)[[5, 5, 0, 1, 2, 3]].reshape(2, 3, NP) * big
+    noise = 0.1 * _randn(8, NP)  # the nearest prototype, not the soft weights, counts
+    even = torch.eye(NP)[[0, 1, 2, 3, 0, 1, 2, 3]] + noise  # 8 sentences, 4 prototypes used equally
+    assert float(prototype_perplexity(even)) == pytest.approx(4.0)
+    collapsed = torch.eye(NP)[[2] * 8] + noise
+    assert float(prototype_perplexity(collapsed)) == pytest.approx(1.0)
+    skewed = torch.eye(NP)[[0, 0, 0, 1]]  # shares 3/4, 1/4
+    assert float(prototype_perplexity(skewed)) == pytest.approx(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    )
+    # padded sentences do not count: the two real rows are on prototype 5, the padding on four others
+    logits = torch.eye(NP)[[5, 0, 1, 5, 2, 3]].reshape(2, 3, NP)
     mask = torch.tensor([[True, False, False], [True, False, False]])
-    logits[1, 0] = logits[0, 0]
-    assert float(prototype_perplexity(logits, mask)) == pytest.approx(1.0, rel=1e-4)
+    assert float(prototype_perplexity(logits, mask)) == pytest.approx(1.0)
+    assert float(prototype_perplexity(logits)) == pytest.approx(
+        math.exp(-(2 / 6) * math.log(2 / 6) - 4 * (1 / 6) * math.log(1 / 6))
+    )
     assert math.isnan(float(prototype_perplexity(logits, torch.zeros(2, 3, dtype=torch.bool))))
 
 

@@ -85,16 +85,16 @@ class SentencePrototypeBank(nn.Module):
 
 
 def prototype_perplexity(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """exp(entropy) of the batch's mean noise-free assignment softmax(s E^T) over its valid sentences: the
-    effective number of prototypes in use, 1 when every sentence goes to the same prototype (a collapsed bank),
-    n_prototypes when use is uniform. A training diagnostic, not a loss."""
-    rows = logits.reshape(-1, logits.shape[-1]).float()
+    """exp(entropy) of how the batch's valid sentences spread over their nearest prototypes (argmax of s E^T),
+    as VQ codebooks are monitored: the effective number of prototypes in use, 1 when every sentence goes to the
+    same prototype (a collapsed bank), n_prototypes at most. A training diagnostic, not a loss (no gradient)."""
+    rows = logits.detach().reshape(-1, logits.shape[-1])
     if mask is not None:
         rows = rows[mask.reshape(-1).bool()]
     if rows.shape[0] == 0:
-        return logits.new_tensor(float("nan"), dtype=torch.float32)
-    mean = rows.softmax(dim=-1).mean(dim=0)
-    return torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
+        return torch.tensor(float("nan"), device=logits.device)
+    share = torch.bincount(rows.argmax(dim=-1), minlength=rows.shape[-1]).float() / rows.shape[0]
+    return torch.exp(-(share * share.clamp_min(1e-12).log()).sum())
 
 
 def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
