@@ -68,8 +68,8 @@ def ensure_data(args: argparse.Namespace) -> tuple[Path, Path]:
     return manifest, cache
 
 
-def run_one(method: str, seed: int, manifest: Path, cache: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Pre-train and evaluate one method and seed unless done or locked by another copy of this command."""
+def run_one(method: str, seed: int, manifest: Path, cache: Path, args: argparse.Namespace) -> dict[str, float] | None:
+    """Pre-train and evaluate one method and seed unless done or locked by another copy of this command (None)."""
     run = args.out / f"{method}-seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     lock = run / ".lock"
@@ -77,7 +77,7 @@ def run_one(method: str, seed: int, manifest: Path, cache: Path, args: argparse.
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         print(f"{run.name}: another copy holds {lock}; skipped (delete the lock if no copy is running)")
-        return {}
+        return None
     try:
         return _pretrain_and_evaluate(method, seed, run, manifest, cache, args)
     finally:
@@ -191,13 +191,16 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
+    held: list[str] = []  # runs another copy was still working on
     if not args.table_only:
         manifest, cache = ensure_data(args)
         timings_path = args.out / "timings.json"
         for seed in seeds:  # seed-major: an interrupted comparison still has every method at the first seed
             for method in methods:
                 spent = run_one(method, seed, manifest, cache, args)
-                if spent:  # re-read first: another copy may have written its own runs' times meanwhile
+                if spent is None:
+                    held.append(f"{method}-seed{seed}")
+                elif spent:  # re-read first: another copy may have written its own runs' times meanwhile
                     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
                     timings.setdefault(f"{method}-seed{seed}", {}).update(spent)
                     timings_path.write_text(json.dumps(timings, indent=1))
@@ -212,6 +215,12 @@ def main() -> None:
     if raw:
         plot(raw, args.out / "comparison.png")
         print(f"figure: {args.out / 'comparison.png'}")
+    held = [name for name in held if not (args.out / name / "eval" / "results.json").is_file()]
+    if held:
+        print(
+            f"not in the table yet, another copy was still running them: {', '.join(held)}; that copy writes the "
+            f"full table when it finishes (or run this command again with --table-only)"
+        )
 
 
 if __name__ == "__main__":
