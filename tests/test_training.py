@@ -139,7 +139,10 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert values[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
-def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(simulated_manifest, tmp_path):
+@pytest.mark.parametrize("staged", [False, True], ids=["one-stage", "killed-after-an-optimiser-reset"])
+def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(simulated_manifest, tmp_path, staged):
+    """With ``staged``, a stage re-creates the optimiser at step 2 with its own lr and warm-up before the step-3
+    checkpoint (PRIOR's case): the resumed run must rebuild that stage's optimiser and schedule, not stage 1's."""
     import lightning as L
 
     from radalign.training.run import pretrain
@@ -152,10 +155,17 @@ def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(s
             if trainer.global_step == 3:  # the step-3 checkpoint is on disk; the process "dies" here
                 raise Killed
 
-    straight = pretrain(toy_config(simulated_manifest), tmp_path / "straight")
+    def config():
+        c = toy_config(simulated_manifest)
+        if staged:
+            c.stages = [StageConfig(name="second", start_step=2, weights={"norm": 1.0}, reset_optimizer=True,
+                                    lr=3e-3, warmup_steps=3)]  # fmt: skip
+        return c
+
+    straight = pretrain(config(), tmp_path / "straight")
     with pytest.raises(Killed):
-        pretrain(toy_config(simulated_manifest), tmp_path / "resumed", callbacks=[KillAfter()])
-    resumed = pretrain(toy_config(simulated_manifest), tmp_path / "resumed")
+        pretrain(config(), tmp_path / "resumed", callbacks=[KillAfter()])
+    resumed = pretrain(config(), tmp_path / "resumed")
     assert straight.steps == resumed.steps == 6
 
     def weights(run):
