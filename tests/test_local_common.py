@@ -22,6 +22,15 @@ def test_masked_mean_over_valid_positions():
     values = torch.tensor([[1.0, 2.0, 100.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[True, True, False], [False, False, False]])
     assert torch.allclose(masked_mean(values, mask), torch.tensor([1.5, 0.0]))
+    # a masked NaN / inf (a padded row's garbage) never reaches the mean; several dims at once
+    values[0, 2], values[1, 0] = float("nan"), float("inf")
+    assert torch.allclose(masked_mean(values, mask), torch.tensor([1.5, 0.0]))
+    assert float(masked_mean(values, mask, dim=(0, 1))) == 1.5
+    # nothing valid: 0, still connected to the graph (a loss of an all-padded batch can be backpropagated)
+    leaf = torch.ones(2, 3, requires_grad=True)
+    empty = masked_mean(leaf, torch.zeros(2, 3, dtype=torch.bool), dim=(0, 1))
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and torch.equal(leaf.grad, torch.zeros(2, 3))
 
 
 def test_grid_distances_are_row_major_and_normalised_by_the_diagonal():

@@ -28,13 +28,6 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _masked_row_mean(per_row: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``per_row`` (B, L) over the True entries of ``mask`` (B, L); 0, still in the graph, when none is."""
-    flat_mask = mask.reshape(-1)
-    # where() so a padded row's value (even NaN / inf) never reaches the sum.
-    return masked_mean(torch.where(flat_mask, per_row.reshape(-1), 0.0), flat_mask, dim=0)
-
-
 class SentencePrototypeBank(nn.Module):
     """PRIOR's SPB: codebook E (n_prototypes, dim), N(0, 1) init; s^ = pi E with pi an assignment over E.
 
@@ -78,7 +71,7 @@ class SentencePrototypeBank(nn.Module):
         mask = mask.bool()
         quantised = torch.where(mask[..., None], quantised, 0.0)
         per_row = (_upcast(quantised) - _upcast(sentences)).abs().mean(dim=-1)  # (B, S)
-        return quantised, _masked_row_mean(per_row, mask), logits
+        return quantised, masked_mean(per_row, mask, dim=(0, 1)), logits
 
     def extra_repr(self) -> str:
         return f"n_prototypes={self.n_prototypes}, dim={self.dim}, tau={self.tau}, eval={self.eval_assignment}"
@@ -141,7 +134,7 @@ def prototype_reconstruction_loss(
     matched = outputs.gather(1, assign[..., None].expand(b, t, outputs.shape[-1]))
     matched = torch.where(match_mask[..., None], matched, 0.0)
     per_slot = (_upcast(matched) - _upcast(targets)).abs().mean(dim=-1)  # (B, T)
-    return _masked_row_mean(per_slot, match_mask), matched, match_mask
+    return masked_mean(per_slot, match_mask, dim=(0, 1)), matched, match_mask
 
 
 def prototype_kl_loss(sentence_logits: Tensor, output_logits: Tensor, mask: Tensor) -> Tensor:
@@ -157,4 +150,4 @@ def prototype_kl_loss(sentence_logits: Tensor, output_logits: Tensor, mask: Tens
         log_target=True,
         reduction="none",
     ).sum(dim=-1)  # (B, T)
-    return _masked_row_mean(kl, mask.bool())
+    return masked_mean(kl, mask, dim=(0, 1))

@@ -19,10 +19,13 @@ def masked_fill_logits(logits: Tensor, mask: Tensor) -> Tensor:
     return logits.masked_fill(~mask, NEG)
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """Mean over ``dim`` of the positions where ``mask`` is True; 0 where none is."""
-    m = mask.to(values.dtype)
-    return (values * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+def masked_mean(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """Mean over ``dim`` of the positions where ``mask`` is True; 0, still connected to the graph, where none is.
+
+    where() rather than a product, so a masked value (even NaN or inf from a padded row) never reaches the sum.
+    """
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum(dim) / mask.sum(dim).clamp_min(1).to(values.dtype)
 
 
 def grid_positions(grid_shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:

@@ -105,9 +105,7 @@ def prior_image_local_loss(
     )  # (B, N)
     if patch_mask is None:
         return per_patch.mean()
-    # where() keeps a padded patch's value out even if it is NaN; the sum stays connected when nothing is valid.
-    mask = patch_mask.bool().reshape(-1)
-    return masked_mean(torch.where(mask, per_patch.reshape(-1), 0.0), mask, dim=0)
+    return masked_mean(per_patch, patch_mask, dim=(0, 1))
 
 
 def prior_text_local_loss(
@@ -129,6 +127,4 @@ def prior_text_local_loss(
     filled = masked_fill_logits(logits, pair_mask)
     c2s = filled.logsumexp(-1) - positive  # (B, S), row i: context i against the report's sentences
     s2c = filled.logsumexp(-2) - positive  # (B, S), column j: sentence j against the report's contexts
-    flat_mask = mask.reshape(-1)
-    per_sentence = torch.where(flat_mask, (c2s + s2c).reshape(-1) / 2, 0.0)
-    return masked_mean(per_sentence, flat_mask, dim=0)
+    return masked_mean((c2s + s2c) / 2, mask, dim=(0, 1))
