@@ -119,14 +119,7 @@ def segment_mean(values: Tensor, index: Tensor, num_segments: int | None = None)
     zeros). S defaults to the largest index + 1 in the batch. One (B, S, T) @ (B, T, D) matmul: deterministic on
     GPUs and autocast-friendly, unlike scatter-add.
     """
-    b, t = values.shape[:2]
-    if index.shape != (b, t):
-        raise ValueError(f"segment index has shape {tuple(index.shape)}, expected {(b, t)} to match the tokens")
-    if num_segments is None:
-        num_segments = int(index.max().item()) + 1 if index.numel() else 0
-    num_segments = max(num_segments, 0)
-    segments = torch.arange(num_segments, device=index.device)
-    member = index.unsqueeze(1) == segments[None, :, None]  # (B, S, T); -1 matches no segment
+    member = _membership(index, values.shape[:2], num_segments)
     counts = member.sum(dim=2)  # (B, S)
     weights = member.to(values.dtype) / counts.clamp_min(1).unsqueeze(-1).to(values.dtype)
     return weights @ values, counts > 0
@@ -139,10 +132,18 @@ def segment_sum(values: Tensor, index: Tensor, num_segments: int | None = None) 
     the largest index + 1 in the batch; empty segments are 0. One (B, S, T) @ (B, T, 1) matmul, as
     :func:`segment_mean`.
     """
-    if values.shape != index.shape:
-        raise ValueError(f"segment index has shape {tuple(index.shape)}, expected {tuple(values.shape)}")
+    member = _membership(index, values.shape, num_segments)
+    return (member.to(values.dtype) @ values.unsqueeze(-1)).squeeze(-1)
+
+
+def _membership(index: Tensor, tokens_shape: tuple[int, ...], num_segments: int | None) -> Tensor:
+    """(B, S, T) bool, True where token t belongs to segment s; -1 (no segment) matches none. S defaults to the
+    largest index + 1 in the batch."""
+    if tuple(index.shape) != tuple(tokens_shape):
+        raise ValueError(
+            f"segment index has shape {tuple(index.shape)}, expected {tuple(tokens_shape)} to match the tokens"
+        )
     if num_segments is None:
         num_segments = int(index.max().item()) + 1 if index.numel() else 0
     segments = torch.arange(max(num_segments, 0), device=index.device)
-    member = index.unsqueeze(1) == segments[None, :, None]  # (B, S, T); -1 matches no segment
-    return (member.to(values.dtype) @ values.unsqueeze(-1)).squeeze(-1)
+    return index.unsqueeze(1) == segments[None, :, None]
