@@ -89,13 +89,12 @@ class MGCA(Method):
         self.setup_ema()
 
     def _text(self, text: dict[str, torch.Tensor], cls_attention: bool = False) -> TextOutput:
-        kwargs = {"cls_attention": True} if cls_attention else {}
         return self.text_encoder(
             text["input_ids"],
             text["attention_mask"],
             token_sentence=text.get("token_sentence"),
             token_word=text.get("token_word"),
-            **kwargs,
+            cls_attention=cls_attention,
         )
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,10 @@ def contact_sheet(data_dir: str | Path, out: str | Path | None = None, *, n: int
     """Render the first ``n`` radiographs of a simulated dataset (outlines + reports) to a PNG."""
     from matplotlib.lines import Line2D
 
+    from radalign.data.io import read_image
     from radalign.utils.plotting import pyplot
 
     plt = pyplot()
-
-    from radalign.data.io import read_image
 
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir / "manifest.csv", check_files=False)
