@@ -11,10 +11,10 @@ in progress holds a lock file (``<run>/.lock``), so several copies of the comman
 two copies with ``OMP_NUM_THREADS=1`` finish sooner than one with two threads (and a run killed mid-way leaves its
 lock behind: delete it to run that one again):
 
-    .venv/bin/python benchmarks/compare_methods.py --out bench_out/compare                # 5 methods x 2 seeds
+    .venv/bin/python benchmarks/compare_methods.py --out bench_out/compare                # 6 methods x 2 seeds
     .venv/bin/python benchmarks/compare_methods.py --methods clip,gloria --seeds 0 --steps 50   # a quick look
 
-On 2 CPU cores one method and seed takes about 6-8 min of pre-training and 4 min of evaluation.
+On 2 CPU cores one method and seed takes about 6-9 min of pre-training and 4-5 min of evaluation.
 """
 
 from __future__ import annotations

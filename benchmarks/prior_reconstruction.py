@@ -39,10 +39,9 @@ def main() -> None:
     data = RadDataModule(loader, tokenizer=model.tokenizer)
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
-    text = {k: batch[k] for k in ("input_ids", "attention_mask", "token_sentence", "token_word") if k in batch}
     with torch.no_grad():
         images = batch["image"]
-        with_text = method.reconstruct(images, text)
+        with_text = method.reconstruct(images, batch)  # it reads the batch's text fields
         image_only = method.reconstruct(images)
     plt = pyplot()
     fig, axes = plt.subplots(len(images), 3, figsize=(6.3, 2.2 * len(images)))
