@@ -307,9 +307,6 @@ def test_bank_training_is_stochastic_and_gradients_reach_codebook_and_sentences(
     assert (s.grad[SENTENCE_MASK] != 0).any() and (s.grad[~SENTENCE_MASK] == 0).all()
 
 
-# -------------------------------------------------------------------------------------------- Hungarian matching
-
-
 def test_prototype_perplexity_counts_the_prototypes_in_use():
     noise = 0.1 * _randn(8, NP)  # the nearest prototype, not the soft weights, counts
     even = torch.eye(NP)[[0, 1, 2, 3, 0, 1, 2, 3]] + noise  # 8 sentences, 4 prototypes used equally
@@ -328,6 +325,9 @@ def test_prototype_perplexity_counts_the_prototypes_in_use():
         math.exp(-(2 / 6) * math.log(2 / 6) - 4 * (1 / 6) * math.log(1 / 6))
     )
     assert math.isnan(float(prototype_perplexity(logits, torch.zeros(2, 3, dtype=torch.bool))))
+
+
+# -------------------------------------------------------------------------------------------- Hungarian matching
 
 
 @pytest.mark.parametrize(("q", "t"), [(5, 5), (6, 4), (3, 5)])

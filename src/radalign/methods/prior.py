@@ -155,7 +155,7 @@ class PRIOR(Method):
         if logits is not None and self.training:
             self._perplexity = prototype_perplexity(logits.detach(), mask)
         pooled, _ = self.text_pool(quantised, mask)
-        return {"global": pooled, "sentences": quantised, "mask": mask, "raw": raw, "spb": spb_loss, "logits": logits}
+        return {"global": pooled, "sentences": quantised, "mask": mask, "raw": raw, "spb": spb_loss}
 
     def encode_images(self, images: Tensor) -> Tensor:
         return F.normalize(self._images(images)[0], dim=-1)
