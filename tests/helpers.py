@@ -23,3 +23,12 @@ def tiny_config(name: str, manifest: Path | str | None = None, **overrides: Any)
     if manifest is not None:
         settings["loader.manifest"] = str(manifest)
     return load_config(find_config(f"{name}-tiny"), settings)
+
+
+def first_batch(config: Any) -> tuple[Any, dict[str, Any]]:
+    """The data module of ``config.loader`` (set up for fitting) and its first training batch."""
+    from radalign.data.datamodule import RadDataModule
+
+    data = RadDataModule(config.loader)
+    data.setup("fit")
+    return data, next(iter(data.train_dataloader()))

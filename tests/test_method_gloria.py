@@ -8,7 +8,7 @@ import torch
 import radalign.methods.gloria  # noqa: F401  (registers "gloria")
 from radalign.errors import ConfigError
 from radalign.training.config import find_config, load_config
-from tests.helpers import tiny_config
+from tests.helpers import first_batch, tiny_config
 
 
 def tiny_gloria(manifest=None, **overrides):
@@ -21,14 +21,12 @@ def grad_sum(module: torch.nn.Module) -> float:
 
 @pytest.fixture(scope="module")
 def batch_and_method(simulated_manifest):
-    from radalign.data.datamodule import RadDataModule
     from radalign.methods.registry import build_method
 
     config = tiny_gloria(simulated_manifest)
-    data = RadDataModule(config.loader)
-    data.setup("fit")
-    torch.manual_seed(0)
-    return next(iter(data.train_dataloader())), build_method(config, tokenizer=data.tokenizer)
+    torch.manual_seed(0)  # before the batch: its augmentation draws from the global generator
+    data, batch = first_batch(config)
+    return batch, build_method(config, tokenizer=data.tokenizer)
 
 
 @pytest.fixture(scope="module")

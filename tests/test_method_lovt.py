@@ -11,7 +11,7 @@ import torch
 
 import radalign.methods.lovt  # noqa: F401  (registers "lovt")
 from radalign.training.config import find_config, load_config
-from tests.helpers import tiny_config
+from tests.helpers import first_batch, tiny_config
 
 CONFIGS = (
     "lovt",
@@ -27,14 +27,11 @@ def tiny_lovt(manifest, **overrides):
 
 @pytest.fixture(scope="module")
 def batch_and_method(simulated_manifest):
-    from radalign.data.datamodule import RadDataModule
     from radalign.methods.registry import build_method
 
     config = tiny_lovt(simulated_manifest)
     torch.manual_seed(0)
-    data = RadDataModule(config.loader)
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    data, batch = first_batch(config)
     return config, data.tokenizer, batch, build_method(config, tokenizer=data.tokenizer)
 
 

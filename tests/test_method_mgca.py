@@ -7,19 +7,11 @@ import torch
 
 import radalign.methods.mgca  # registers "mgca"; also patched below
 from radalign.training.config import find_config, load_config
-from tests.helpers import tiny_config
+from tests.helpers import first_batch, tiny_config
 
 
 def tiny_mgca(manifest, **overrides):
     return tiny_config("mgca", manifest, **{"loader.max_length": 48, **overrides})
-
-
-def first_batch(config):
-    from radalign.data.datamodule import RadDataModule
-
-    data = RadDataModule(config.loader)
-    data.setup("fit")
-    return data, next(iter(data.train_dataloader()))
 
 
 def test_configs_load_and_match_the_spec():

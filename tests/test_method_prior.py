@@ -11,7 +11,7 @@ import torch
 
 import radalign.methods.prior  # noqa: F401  (registers "prior")
 from radalign.training.config import find_config, load_config
-from tests.helpers import tiny_config
+from tests.helpers import first_batch, tiny_config
 
 STAGE3 = ("image_reconstruction", "prototype_reconstruction", "prototype_kl", "generated_alignment")
 
@@ -23,14 +23,11 @@ def tiny_prior(manifest, **overrides):
 
 @pytest.fixture(scope="module")
 def batch_and_method(simulated_manifest):
-    from radalign.data.datamodule import RadDataModule
     from radalign.methods.registry import build_method
 
     config = tiny_prior(simulated_manifest)
     torch.manual_seed(0)
-    data = RadDataModule(config.loader)
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    data, batch = first_batch(config)
     return config, batch, build_method(config, tokenizer=data.tokenizer)
 
 
