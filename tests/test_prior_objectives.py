@@ -89,21 +89,17 @@ def test_prior_cross_attention_matches_loop_and_ignores_padding():
     c_txt, c_img, w = attn(patches, PATCH_MASK, sentences, SENTENCE_MASK)
     assert c_txt.shape == (B, N, D) and c_img.shape == (B, S, D) and w.shape == (B, N, S)
     q, k, v = attn.query, attn.key, attn.value
+
+    def context(query, others, others_mask, b):
+        """sum over the real rows o of others[b]: sigmoid(q(query) . k(o) / sqrt(D)) v(o)"""
+        real = [o for o, keep in zip(others[b], others_mask[b], strict=True) if keep]
+        return sum(torch.sigmoid(q(query) @ k(o) / math.sqrt(D)) * v(o) for o in real)
+
     for b in range(B):
         for i in range(N):
-            want = sum(
-                torch.sigmoid(q(patches[b, i]) @ k(sentences[b, j]) / math.sqrt(D)) * v(sentences[b, j])
-                for j in range(S)
-                if SENTENCE_MASK[b, j]
-            )
-            assert_close(c_txt[b, i], want)
+            assert_close(c_txt[b, i], context(patches[b, i], sentences, SENTENCE_MASK, b))
         for j in range(S):
-            want = sum(
-                torch.sigmoid(q(sentences[b, j]) @ k(patches[b, i]) / math.sqrt(D)) * v(patches[b, i])
-                for i in range(N)
-                if PATCH_MASK[b, i]
-            )
-            assert_close(c_img[b, j], want)
+            assert_close(c_img[b, j], context(sentences[b, j], patches, PATCH_MASK, b))
     # Padded sentences contribute nothing to the patch contexts; valid sentence rows unchanged by padded patches.
     s2, p2 = sentences.clone(), patches.clone()
     s2[~SENTENCE_MASK], p2[~PATCH_MASK] = 1e3, -1e3
