@@ -204,7 +204,8 @@ def pretrain(
         method: Registered method name (clip, convirt, gloria, mgca, lovt, prior).
         model: Encoders, projection and embedding size.
         objectives: Per-objective settings and weights, e.g. {global: {weight: 1.0, temperature: 0.07}}.
-        stages: Stage schedule: objective weights by step or epoch, optional optimiser reset.
+        stages: Stage schedule: objective weights from a step, an epoch or a fraction of max_steps, with an
+            optional optimiser reset at its own lr and warm-up (docs/training.md).
         optim: AdamW and learning-rate schedule.
         ema: EMA copies of sub-modules (teachers).
         loader: How the manifest becomes batches (image size, augmentation, tokenizer, batch size, workers).
