@@ -98,7 +98,20 @@ def test_demo_writes_a_report_with_both_models_and_chance(tmp_path):
     assert result.steps == 3
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| measure | chance | untrained | pre-trained |" in report
+    # README's table, with this run's figures, so a reader can compare the two
+    mean_row = re.search(r"\| mean zero-shot AUROC \(9 findings\) \| 0.500 \| [\d.]+ \| \*\*([\d.]+)\*\* \|", report)
+    assert mean_row is not None and float(mean_row.group(1)) == pytest.approx(result.after.mean_auroc, abs=1e-3)
     row = re.search(r"\| retrieval i2t_R@10 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", report)
     assert row is not None and float(row.group(1)) == pytest.approx(min(1.0, 10 / result.before.n), abs=1e-3)
     assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_readme_quotes_exactly_the_rows_the_demo_report_writes():
+    import re
+
+    from radalign.demo import README_ROWS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quoted = re.findall(r"^\| (.+?) \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \|$", readme, flags=re.M)
+    assert quoted == [name for name, _ in README_ROWS]

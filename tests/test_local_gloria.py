@@ -13,6 +13,7 @@ from radalign.objectives.local.gloria import (
     gloria_attention,
     gloria_global_loss,
     gloria_local_scores,
+    resolve_chunking,
 )
 
 WORD_LENGTHS = [6, 3, 4, 1]  # variable report lengths, one report with a single word
@@ -165,17 +166,26 @@ def test_global_loss_is_symmetric_cosine_cross_entropy():
     assert math.isfinite(float(gloria_global_loss(img, img)))
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_chunked_recomputed_scores_equal_the_all_at_once_ones(chunk):
-    """chunk_size bounds memory (reports a chunk at a time, recomputed in backward) without changing anything."""
+@pytest.mark.parametrize(("chunk", "recompute"), [(1, True), (3, True), (3, False), ("auto", True)])
+def test_chunked_scores_equal_the_all_at_once_ones(chunk, recompute):
+    """chunk_size blocks the reports (recomputed in backward for bounded memory, or stored) without changing
+    anything; trailing padding is cut before the all-pairs attention."""
     words, word_mask, regions, region_mask = _batch()
     grads = []
     for size in (None, chunk):
         w, r = words.clone().requires_grad_(), regions.clone().requires_grad_()
-        loss = GloriaLocalLoss(chunk_size=size)(r, region_mask, w, word_mask)
+        loss = GloriaLocalLoss(chunk_size=size, recompute=recompute)(r, region_mask, w, word_mask)
         loss.backward()
         grads.append((loss.detach(), w.grad, r.grad))
     for whole, chunked in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(chunked, whole)
-    with pytest.raises(ConfigError, match="chunk_size"):
-        gloria_local_scores(words, word_mask, regions, region_mask, chunk_size=0)
+    for bad in (0, "fast", 2.5):
+        with pytest.raises(ConfigError, match="chunk_size"):
+            gloria_local_scores(words, word_mask, regions, region_mask, chunk_size=bad)
+
+
+def test_auto_chunking_is_blocks_of_8_on_the_cpu_and_all_pairs_on_a_gpu():
+    assert resolve_chunking("auto", True, torch.device("cpu")) == (8, False)
+    assert resolve_chunking("auto", True, torch.device("cuda")) == (None, False)
+    assert resolve_chunking(4, True, torch.device("cuda")) == (4, True)  # an explicit size bounds the memory
+    assert resolve_chunking(None, True, torch.device("cpu")) == (None, True)

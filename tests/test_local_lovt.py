@@ -134,6 +134,54 @@ def test_cross_attention_orientation_and_padding():
     assert torch.count_nonzero(region2sent[~sentence_mask]) == 0
 
 
+def _reference_cross_attention(module, regions, region_mask, sentences, sentence_mask):
+    """The official CrossAttention written out per sample: project keys and values of both sides, softmax over the
+    other side's valid items, attend, project the output; then BatchNorm over the valid rows of the batch."""
+    dim = module.dim
+    s2r_rows, r2s_rows = [], []
+    for b in range(regions.shape[0]):
+        r, s = regions[b][region_mask[b]], sentences[b][sentence_mask[b]]
+        kr, ks = module.key(r), module.key(s)
+        scores = kr @ ks.T / math.sqrt(dim)  # (N_b, S_b)
+        s2r_rows.append(module.out(torch.softmax(scores, dim=1) @ module.value(s)))  # per region
+        r2s_rows.append(module.out(torch.softmax(scores.T, dim=1) @ module.value(r)))  # per sentence
+    outs = []
+    for rows, bn in ((s2r_rows, module.bn_sent2region), (r2s_rows, module.bn_region2sent)):
+        flat = torch.cat(rows)
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)  # training-mode BN statistics
+        outs.append((flat - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias)
+    return outs
+
+
+def test_cross_attention_matches_the_official_formulas_with_biases():
+    torch.manual_seed(0)
+    dim = 6
+    module = LovtCrossAttention(dim).double().train()
+    assert module.key.bias is not None and module.value.bias is not None  # the official nn.Linear(d, d_k)
+    with torch.no_grad():  # biases trained away from their zero init, so that they matter
+        for layer in (module.key, module.value, module.out):
+            layer.bias.normal_()
+    regions = torch.randn(3, 5, dim, dtype=torch.float64)
+    region_mask = torch.ones(3, 5, dtype=torch.bool)
+    region_mask[1, 3:] = False
+    sentences = torch.randn(3, 4, dim, dtype=torch.float64)
+    sentence_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    sent2region, region2sent = module(regions, region_mask, sentences, sentence_mask)
+    want = _reference_cross_attention(module, regions, region_mask, sentences, sentence_mask)
+    assert torch.allclose(sent2region[region_mask], want[0], atol=1e-10)
+    assert torch.allclose(region2sent[sentence_mask], want[1], atol=1e-10)
+    # The key bias is not a no-op (it shifts every score by <b, W z>): dropping it changes the outputs.
+    no_key_bias = copy.deepcopy(module)
+    no_key_bias.key.bias = None
+    assert not torch.allclose(no_key_bias(regions, region_mask, sentences, sentence_mask)[0], sent2region)
+    assert LovtCrossAttention(dim, bias=False).key.bias is None
+    # Infinite garbage in padded rows changes nothing.
+    r2, s2 = regions.clone(), sentences.clone()
+    r2[~region_mask], s2[~sentence_mask] = float("inf"), float("-inf")
+    for a, b in zip(module(r2, region_mask, s2, sentence_mask), (sent2region, region2sent), strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-12)
+
+
 def test_padding_changes_nothing_including_batchnorm_statistics():
     torch.manual_seed(0)
     dim = 8

@@ -19,13 +19,15 @@ def _reference_weights(raw: torch.Tensor | None, n: int, clip: bool) -> torch.Te
     return raw / raw.sum()
 
 
-def _reference_direction(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+def _reference_direction(
+    queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, tau: float, normalize: bool = True
+) -> torch.Tensor:
     """Queries attend over keys; weighted InfoNCE between each query and the attended vectors, both directions."""
     ctx = []
     for i in range(len(queries)):
         a = torch.softmax(torch.stack([queries[i] @ k / tau for k in keys]), 0)
         c = sum(a[j] * keys[j] for j in range(len(keys)))
-        ctx.append(c / c.norm())
+        ctx.append(c / c.norm() if normalize else c)
     loss = torch.zeros((), dtype=queries.dtype)
     for i in range(len(queries)):
         to_ctx = torch.stack([queries[i] @ c / tau for c in ctx]).log_softmax(0)[i]
@@ -34,7 +36,9 @@ def _reference_direction(queries: torch.Tensor, keys: torch.Tensor, weights: tor
     return loss
 
 
-def _reference_token_loss(patches, patch_mask, words, word_mask, word_weights, patch_weights, tau=0.1):
+def _reference_token_loss(
+    patches, patch_mask, words, word_mask, word_weights, patch_weights, tau=0.1, normalize_patch=True, clip_patch=True
+):
     losses = []
     for b in range(patches.shape[0]):
         if not word_mask[b].any() or not patch_mask[b].any():
@@ -42,9 +46,43 @@ def _reference_token_loss(patches, patch_mask, words, word_mask, word_weights, p
         p = F.normalize(patches[b][patch_mask[b]], dim=-1)
         w = F.normalize(words[b][word_mask[b]], dim=-1)
         ww = _reference_weights(None if word_weights is None else word_weights[b][word_mask[b]], len(w), True)
-        pw = _reference_weights(None if patch_weights is None else patch_weights[b][patch_mask[b]], len(p), False)
-        losses.append(_reference_direction(w, p, ww, tau) + _reference_direction(p, w, pw, tau))
+        pw = _reference_weights(None if patch_weights is None else patch_weights[b][patch_mask[b]], len(p), clip_patch)
+        losses.append(_reference_direction(w, p, ww, tau) + _reference_direction(p, w, pw, tau, normalize_patch))
     return torch.stack(losses).mean()
+
+
+def _official_token_loss(patches, words, word_mask, word_weights, patch_weights, vit: bool, tau=0.1):
+    """MGCA's own batched formulation (mgca_module.py, forward): [PAD] words masked with -inf as keys of the
+    patch->word attention only (elsewhere they are negatives), weighted cross-entropies summed and divided by the
+    batch size. Its ViT branch leaves the patch contexts raw and
+    clips the patch weights; its CNN branch normalises them and weighs patches uniformly."""
+    b, n, _ = patches.shape
+    patch_emb, word_emb = F.normalize(patches, dim=-1), F.normalize(words, dim=-1)
+    ww = word_weights.clone()
+    for i in range(b):  # the percentile over the non-zero weights (padding has weight 0 here)
+        nz = ww[i].nonzero().squeeze(1)
+        ww[i, nz] = ww[i, nz].clip(torch.quantile(ww[i, nz], 0.1), torch.quantile(ww[i, nz], 0.9))
+    ww = ww / ww.sum(dim=1, keepdim=True)
+    word_ctx = F.normalize(torch.softmax(word_emb @ patch_emb.transpose(1, 2) / tau, -1) @ patch_emb, dim=-1)
+    word_sim = word_emb @ word_ctx.transpose(1, 2) / tau
+    targets = torch.arange(word_sim.shape[1]).repeat(b)
+    loss_word_1 = F.cross_entropy(word_sim.reshape(-1, word_sim.shape[2]), targets, reduction="none") * ww.view(-1)
+    loss_word_2 = F.cross_entropy(word_sim.transpose(1, 2).reshape(-1, word_sim.shape[1]), targets, reduction="none")
+    loss_word = (loss_word_1.sum() / b + (loss_word_2 * ww.view(-1)).sum() / b) / 2
+    scores = patch_emb @ word_emb.transpose(1, 2)
+    scores = scores.masked_fill(~word_mask[:, None, :], float("-inf"))
+    patch_ctx = torch.softmax(scores / tau, -1) @ word_emb
+    if vit:
+        pw = torch.stack([row.clip(torch.quantile(row, 0.1), torch.quantile(row, 0.9)) for row in patch_weights])
+    else:
+        patch_ctx = F.normalize(patch_ctx, dim=-1)
+        pw = torch.ones(b, n, dtype=patches.dtype)
+    pw = pw / pw.sum(dim=1, keepdim=True)
+    patch_sim = patch_emb @ patch_ctx.transpose(1, 2) / tau
+    targets = torch.arange(n).repeat(b)
+    loss_patch_1 = F.cross_entropy(patch_sim.reshape(-1, n), targets, reduction="none") * pw.view(-1)
+    loss_patch_2 = F.cross_entropy(patch_sim.transpose(1, 2).reshape(-1, n), targets, reduction="none") * pw.view(-1)
+    return loss_word + (loss_patch_1.sum() / b + loss_patch_2.sum() / b) / 2
 
 
 def _token_inputs(seed: int = 0):
@@ -63,15 +101,50 @@ def _token_inputs(seed: int = 0):
 
 def test_token_loss_and_gradients_match_the_loop_reference():
     patches, patch_mask, words, word_mask, word_weights, patch_weights = _token_inputs()
-    for ww, pw in [(word_weights, patch_weights), (None, None)]:
-        loss = mgca_token_loss(patches, patch_mask, words, word_mask, ww, pw)
+    cases = [  # (word weights, patch weights, normalise patch contexts, clip patch weights)
+        (word_weights, patch_weights, True, True),
+        (None, None, True, True),
+        (word_weights, patch_weights, False, True),
+        (word_weights, patch_weights, True, False),
+    ]
+    for ww, pw, normalize, clip in cases:
+        loss = mgca_token_loss(
+            patches, patch_mask, words, word_mask, ww, pw, normalize_patch_context=normalize, clip_patch_weights=clip
+        )
         grads = torch.autograd.grad(loss, (patches, words))
-        ref = _reference_token_loss(patches, patch_mask, words, word_mask, ww, pw)
+        ref = _reference_token_loss(patches, patch_mask, words, word_mask, ww, pw, 0.1, normalize, clip)
         ref_grads = torch.autograd.grad(ref, (patches, words))
         assert loss.dtype == torch.float64 and torch.allclose(loss, ref, atol=1e-10)
         for got, want in zip(grads, ref_grads, strict=True):
             assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-10)
         assert grads[1][3].abs().sum() == 0  # padded words get no gradient
+
+
+def test_token_loss_equals_mgca_code_in_its_vit_and_cnn_branches():
+    g = torch.Generator().manual_seed(5)
+    b, n, w, d = 3, 7, 6, 8
+    patches = torch.randn(b, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    words = torch.randn(b, w, d, generator=g, dtype=torch.float64, requires_grad=True)
+    # MGCA lets [PAD] words be negatives (radalign does not: a [design] reading), so compare on unpadded reports
+    word_mask = torch.ones(b, w, dtype=torch.bool)
+    word_weights = torch.rand(b, w, generator=g, dtype=torch.float64) + 0.1
+    patch_weights = torch.rand(b, n, generator=g, dtype=torch.float64).softmax(dim=1)
+    patch_mask = torch.ones(b, n, dtype=torch.bool)
+    for vit in (True, False):
+        got = mgca_token_loss(
+            patches, patch_mask, words, word_mask, word_weights, patch_weights if vit else None,
+            normalize_patch_context=not vit,
+        )  # fmt: skip
+        want = _official_token_loss(patches, words, word_mask, word_weights, patch_weights, vit)
+        assert torch.allclose(got, want, atol=1e-10), (vit, got, want)
+        for a, c in zip(torch.autograd.grad(got, (patches, words)), torch.autograd.grad(want, (patches, words)),
+                        strict=True):  # fmt: skip
+            assert torch.allclose(a, c, atol=1e-10)
+    # the two branches differ: a silent switch of the default would show
+    vit_loss = mgca_token_loss(patches, patch_mask, words, word_mask, word_weights, patch_weights, 0.1, False, True)
+    assert not torch.allclose(
+        vit_loss, mgca_token_loss(patches, patch_mask, words, word_mask, word_weights, patch_weights)
+    )
 
 
 def test_token_loss_weights_are_detached_and_padding_values_are_ignored():

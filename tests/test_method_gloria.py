@@ -43,7 +43,10 @@ def test_shipped_configs_load_and_build():
     paper = load_config(find_config("gloria"))
     assert paper.model.image.name == "resnet50" and paper.model.text.sum_last_layers == 4
     assert paper.optim.lr == pytest.approx(5e-5) and paper.loader.batch_size == 48 and paper.trainer.max_epochs == 50
-    assert paper.weights_at(0, 0) == {"global": 1.0, "local": 1.0}
+    # 2 x radalign's mean of the two directions = the official sum, so gradient clipping at 0.25 acts the same
+    for config in (paper, load_config(find_config("gloria-tiny"))):
+        assert config.weights_at(0, 0) == {"global": 2.0, "local": 2.0}
+        assert config.model.options.get("cls_word", True) is True
     method = build_method(tiny_gloria(), for_inference=True)
     assert type(method).__name__ == "GLoRIA" and method.objective_names == ("global", "local")
     assert method.image_encoder.pyramid_strides[method.local_level] == 16
@@ -78,6 +81,7 @@ def test_local_similarity_matches_the_local_loss_scores(batch_and_method):
     batch, method = batch_and_method
     method.eval()
     text = {k: batch[k] for k in TEXT_KEYS}
+    method.eval()  # no dropout: the two encodings below must be the same
     with torch.no_grad():
         scores = method.local_similarity(batch["image"], text)
         _, regions, grid = method._image(batch["image"])
@@ -117,3 +121,25 @@ def test_unknown_options_are_config_errors_that_name_them():
             build_method(tiny_gloria(**{key: 1.0}), for_inference=True)
     with pytest.raises(ConfigError, match="local_stride=12"):
         build_method(tiny_gloria(**{"model.options.local_stride": 12}), for_inference=True)
+
+
+def test_word_sequence_starts_with_cls_as_the_official_code(batch_and_method):
+    # GLoRIA's caption length counts [CLS]: its local loss slices [CLS] + the words (not [SEP]).
+    from radalign.methods.base import TEXT_KEYS
+
+    batch, method = batch_and_method
+    text = {k: batch[k] for k in TEXT_KEYS}
+    method.eval()  # no dropout: the two encodings below must be the same
+    with torch.no_grad():
+        out = method.text_encoder(text["input_ids"], text["attention_mask"], token_word=text["token_word"])
+        _, words, mask = method._text(text)
+        assert method.cls_word and words.shape[1] == out.words.shape[1] + 1
+        torch.testing.assert_close(words[:, 0], method.word_head(out.tokens[:, 0]))
+        torch.testing.assert_close(words[:, 1:][out.word_mask], method.word_head(out.words)[out.word_mask])
+        assert mask[:, 0].all() and torch.equal(mask[:, 1:], out.word_mask)
+        method.cls_word = False
+        try:
+            assert method._text(text)[1].shape[1] == out.words.shape[1]
+        finally:
+            method.cls_word = True
+            method.train()

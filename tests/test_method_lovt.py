@@ -156,3 +156,18 @@ def test_short_pretrain_exports_a_loadable_model_with_locals(simulated_manifest,
         locals_, grid = model.method.encode_image_locals(images)
     assert grid == (2, 2) and locals_.shape == (3, 4, 128)
     torch.testing.assert_close(locals_.norm(dim=-1), torch.ones(3, 4))
+
+
+def test_probe_features_are_what_the_global_head_projects(batch_and_method):
+    # The linear probe reads LoVT's own global image representation: its attention pool, before image_head.
+    import torch.nn.functional as F
+
+    _, _, batch, method = batch_and_method
+    method.eval()
+    images = batch["image"][:4]
+    with torch.no_grad():
+        features = method.global_image_features(images)
+        torch.testing.assert_close(F.normalize(method.image_head(features), dim=-1), method.encode_images(images))
+        backbone = method.image_encoder(images).global_emb  # the average pool: a different vector
+    assert features.shape == backbone.shape and not torch.allclose(features, backbone)
+    method.train()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import radalign.methods.mgca  # registers "mgca"; also patched below
+from radalign.errors import ConfigError
 from radalign.training.config import find_config, load_config
 from tests.helpers import first_batch, tiny_config
 
@@ -70,13 +71,14 @@ def test_vit_patch_weights_are_its_cls_attention(simulated_manifest, monkeypatch
     original = radalign.methods.mgca.mgca_token_loss
 
     def spy(*args, **kwargs):
-        seen["patch_weights"] = kwargs["patch_weights"]
-        seen["word_weights"] = kwargs["word_weights"]
+        seen.update(kwargs)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(radalign.methods.mgca, "mgca_token_loss", spy)
     losses = method.losses(batch)
     assert torch.isfinite(losses["token"])
+    # MGCA's ViT branch: raw patch -> word contexts, clipped patch weights
+    assert seen["normalize_patch_context"] is False and seen["clip_patch_weights"] is True
     weights = seen["patch_weights"]
     assert weights is not None and weights.shape == (4, 16)  # 64 px / 16 = a 4 x 4 grid
     assert not torch.allclose(weights, torch.full_like(weights, 1 / 16))  # an attention map, not uniform
@@ -210,3 +212,47 @@ def test_attention_weighted_losses_reach_every_trainable_part(simulated_manifest
     assert missing == [], missing
     image = [n for n, _ in trainable if n.startswith("image_encoder.")]
     assert all(n in reached for n in image if not n.split(".")[2].startswith("layer") or ".bn2." in n)
+
+
+def test_token_loss_follows_mgca_code_per_encoder_family_and_options_override(simulated_manifest, monkeypatch):
+    from radalign.methods.registry import build_method
+
+    seen: dict[str, object] = {}
+    original = radalign.methods.mgca.mgca_token_loss
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(radalign.methods.mgca, "mgca_token_loss", spy)
+    config = tiny_mgca(simulated_manifest, **{"loader.batch_size": 4})
+    data, batch = first_batch(config)
+    method = build_method(config, tokenizer=data.tokenizer)  # ResNet-18: MGCA's CNN branch
+    method.losses(batch)
+    assert seen["normalize_patch_context"] is True and seen["patch_weights"] is None
+    options = {"patch_context_norm": False, "clip_patch_weights": False, "patch_weights": "uniform"}
+    vit = tiny_mgca(simulated_manifest, **{"model.image.name": "vit_tiny_patch16_224", "model.options": options})
+    method = build_method(vit, tokenizer=data.tokenizer)
+    method.losses(first_batch(vit)[1])
+    assert seen["normalize_patch_context"] is False and seen["clip_patch_weights"] is False
+    assert seen["patch_weights"] is None
+    with pytest.raises(ConfigError, match="patch_context_norm"):
+        build_method(tiny_mgca(simulated_manifest, **{"model.options": {"patch_context_norm": "yes"}}))
+
+
+def test_instance_loss_is_mgcas_sum_of_both_directions():
+    import torch.nn.functional as F
+
+    from radalign.methods.builders import build_infonce
+
+    for name in ("mgca", "mgca-tiny"):
+        contrast = build_infonce(load_config(find_config(name)).objectives["instance"])
+        g = torch.Generator().manual_seed(0)
+        image, text = (
+            F.normalize(torch.randn(6, 8, generator=g), dim=1),
+            F.normalize(torch.randn(6, 8, generator=g), dim=1),
+        )
+        scores = image @ text.T / 0.07
+        labels = torch.arange(6)
+        official = F.cross_entropy(scores, labels) + F.cross_entropy(scores.T, labels)  # loss_ita, lambda_1 = 1
+        torch.testing.assert_close(contrast(image, text), official)

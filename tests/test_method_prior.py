@@ -219,3 +219,16 @@ def test_clip_style_pool_resizes_its_positions_for_another_grid():
     assert bigger.shape == (3, 4) and big_weights.shape == (3, 16) and torch.isfinite(bigger).all()
     with pytest.raises(ConfigError, match="2x2 grid"):
         pool(torch.randn(3, 16, 8))
+
+
+def test_probe_features_are_the_global_embedding_before_normalisation(batch_and_method):
+    import torch.nn.functional as F
+
+    _, batch, method = batch_and_method
+    method.eval()
+    images = batch["image"][:4]
+    with torch.no_grad():
+        features = method.global_image_features(images)
+        torch.testing.assert_close(F.normalize(features, dim=-1), method.encode_images(images))
+    assert features.shape == (4, method.config.model.embed_dim)
+    method.train()

@@ -186,31 +186,36 @@ def test_image_local_loss_without_valid_patches_is_connected_zero():
     assert (patches.grad == 0).all()
 
 
-def _text_loss_reference(c, s, mask, log_scale):
+def _text_loss_reference(c, s, mask, log_scale, average="report"):
+    """The official structure: a loop over reports, each report's mean over its sentences, then the mean over
+    reports ("report"); or every sentence of the batch counted once ("sentence")."""
     scale = log_scale.exp()
-    total, count = c.new_zeros(()), 0
+    per_report, per_sentence = [], []
     for b in range(c.shape[0]):
         idx = [i for i in range(c.shape[1]) if mask[b, i]]
         if not idx:
             continue
         cb, sb = F.normalize(c[b, idx], dim=-1), F.normalize(s[b, idx], dim=-1)
         logits = cb @ sb.T * scale
+        terms = []
         for i in range(len(idx)):
             c2s = -torch.log_softmax(logits[i], 0)[i]
             s2c = -torch.log_softmax(logits[:, i], 0)[i]
-            total, count = total + (c2s + s2c) / 2, count + 1
-    return total / count
+            terms.append((c2s + s2c) / 2)
+        per_report.append(torch.stack(terms).mean())
+        per_sentence += terms
+    return torch.stack(per_report).mean() if average == "report" else torch.stack(per_sentence).mean()
 
 
 def test_text_local_loss_matches_reference_values_and_gradients():
     c, s = _randn(B, S, D, seed=13), _randn(B, S, D, seed=14)
     log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
     cases = [SENTENCE_MASK, torch.cat([SENTENCE_MASK[:2], torch.zeros(1, S, dtype=torch.bool)])]  # + empty report
-    for mask in cases:
-        got = prior_text_local_loss(c, s, mask, log_scale)
-        assert_close(got, _text_loss_reference(c, s, mask, log_scale))
-        g_got = _grads(lambda a, b_, ls, m=mask: prior_text_local_loss(a, b_, m, ls), c, s, log_scale)
-        g_ref = _grads(lambda a, b_, ls, m=mask: _text_loss_reference(a, b_, m, ls), c, s, log_scale)
+    for mask, average in itertools.product(cases, ("report", "sentence")):
+        got = prior_text_local_loss(c, s, mask, log_scale, average)
+        assert_close(got, _text_loss_reference(c, s, mask, log_scale, average))
+        g_got = _grads(lambda a, b_, ls, m=mask, av=average: prior_text_local_loss(a, b_, m, ls, av), c, s, log_scale)
+        g_ref = _grads(lambda a, b_, ls, m=mask, av=average: _text_loss_reference(a, b_, m, ls, av), c, s, log_scale)
         for a, b in zip(g_got, g_ref, strict=True):
             assert_close(a, b)
         assert (g_got[0][~mask] == 0).all() and (g_got[0][mask] != 0).any()
@@ -222,6 +227,21 @@ def test_text_local_loss_matches_reference_values_and_gradients():
     one = torch.zeros(B, S, dtype=torch.bool)
     one[0, 2] = True
     assert float(prior_text_local_loss(c, s, one, log_scale)) == 0.0
+    with pytest.raises(ConfigError, match="average"):
+        prior_text_local_loss(c, s, mask, log_scale, "token")
+
+
+def test_text_local_loss_default_weighs_reports_equally_as_the_official_code():
+    # The issue's batch: reports of 5, 3, 4 and 1 sentences. The official mean-of-report-means is the default; the
+    # mean over all sentences lets the long reports weigh more, and differs by tens of percent here.
+    counts = [5, 3, 4, 1]
+    mask = torch.arange(5)[None, :] < torch.tensor(counts)[:, None]
+    c, s = _randn(4, 5, D, seed=31), _randn(4, 5, D, seed=32)
+    log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    by_report = prior_text_local_loss(c, s, mask, log_scale)
+    assert_close(by_report, _text_loss_reference(c, s, mask, log_scale, "report"))
+    by_sentence = prior_text_local_loss(c, s, mask, log_scale, "sentence")
+    assert abs(float(by_sentence / by_report) - 1) > 0.05
 
 
 # ------------------------------------------------------------------------------------------ sentence prototypes
@@ -404,6 +424,19 @@ def test_reconstruction_loss_more_targets_than_queries():
     cost = (outputs[0][:, None] - targets[0][None]).abs().mean(-1)  # (2, 3)
     best = min(float(cost[0, a] + cost[1, b]) for a, b in itertools.permutations(range(3), 2))
     assert_close(loss, torch.tensor(best / 2, dtype=torch.float64))
+
+
+def test_reconstruction_compares_each_target_with_its_own_output_not_the_official_bug_6():
+    # Official bug 6: spg_loss indexes the outputs with the matching's target side (logit[inds[1]]), right only when
+    # the assignment is its own inverse. Minimal case: output q equals target (q + 1) mod 3 (a 3-cycle).
+    targets = torch.eye(3, dtype=torch.float64)[None]  # (1, 3, 3)
+    outputs = targets[:, [1, 2, 0]].clone()
+    loss, matched, _ = prototype_reconstruction_loss(outputs, targets, torch.ones(1, 3, dtype=torch.bool))
+    assert float(loss) == 0.0 and torch.equal(matched, targets)  # the best matching costs 0, and so does the loss
+    rows, cols = hungarian_match((outputs[0][:, None] - targets[0][None]).abs().mean(-1))
+    assert cols.tolist() == [1, 2, 0] and rows.tolist() == [0, 1, 2]
+    official = (outputs[0][cols] - targets[0]).abs().mean()  # what logit[inds[1]] compares with the targets
+    assert float(official) == pytest.approx(2 / 3)
 
 
 def _kl_reference(sentence_logits, output_logits, mask):

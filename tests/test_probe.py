@@ -23,8 +23,11 @@ class FakeContext:
         self.splits, self.vocabulary, self.out = splits, tuple(findings), out
         self.protocol = SimpleNamespace(seeds=list(seeds), splits={r: r for r in ("train", "val", "test")})
         self.device, self.progress = torch.device("cpu"), False
+        self.method = SimpleNamespace(global_feature_name="the fake method's own pooled vector")
+        self.kinds: list[str] = []  # the feature kinds the probe asked for
 
-    def features(self, role: str) -> Features:
+    def features(self, role: str, kind: str = "global") -> Features:
+        self.kinds.append(kind)
         return self.splits[role]
 
     def figure(self, task: str, filename: str) -> tuple[Path, str]:
@@ -181,3 +184,15 @@ def test_probe_and_finetune_on_the_evaluation_context(eval_context):
         assert sorted({r["n_train"] for r in runs}) == [int(n_train / 2 + 0.5), n_train]  # 50% > the minimum
     after = encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_probe_reads_the_methods_own_global_features_by_default_and_records_which(tmp_path):
+    splits = {role: separable(120, seed) for role, seed in (("train", 0), ("val", 1), ("test", 2))}
+    ctx = FakeContext(splits, ["a", "b"], tmp_path, seeds=(0,))
+    result = run_linear_probe(ctx, probe_spec())
+    assert set(ctx.kinds) == {"global"} and result.details["features"] == "the fake method's own pooled vector"
+    ctx.kinds.clear()
+    result = run_linear_probe(ctx, probe_spec(features="backbone"))
+    assert set(ctx.kinds) == {"backbone"} and result.details["features"] == "the image encoder's pooled output"
+    with pytest.raises(ConfigError, match="features must be one of global, backbone"):
+        run_linear_probe(ctx, probe_spec(features="pooled"))

@@ -206,10 +206,38 @@ def loss_curve(run_dir: Path, path: Path) -> Path | None:
     return path
 
 
+# The rows README.md quotes, in its order: (measure as README names it, what it reads from Scores). The demo writes
+# them as README's table into report.md, so a reader compares the two directly (tests/test_cli.py keeps them equal).
+README_ROWS: tuple[tuple[str, Any], ...] = (
+    ("mean zero-shot AUROC (9 findings)", lambda s: s.mean_auroc),
+    ("zero-shot AUROC cardiomegaly", lambda s: s.auroc.get("cardiomegaly", float("nan"))),
+    ("zero-shot AUROC pleural effusion", lambda s: s.auroc.get("pleural_effusion", float("nan"))),
+    ("image -> report Recall@10", lambda s: s.retrieval.get("i2t_R@10", float("nan"))),
+    ("report -> image Recall@10", lambda s: s.retrieval.get("t2i_R@10", float("nan"))),
+)
+
+
+def readme_table(before: Scores, after: Scores) -> list[str]:
+    """README's demo table (markdown lines) filled with this run's figures: chance, untrained, pre-trained."""
+    lines = ["| measure (held-out) | chance | untrained | pre-trained |", "|---|--:|--:|--:|"]
+    for name, read in README_ROWS:
+        chance_value = chance("R@10", before.n) if "Recall@10" in name else 0.5
+        lines.append(f"| {name} | {chance_value:.3f} | {_fmt(read(before))} | **{_fmt(read(after))}** |")
+    return lines
+
+
 def write_report(out: Path, before: Scores, after: Scores, run_dir: Path, steps: int, timings: dict) -> Path:
     curve = loss_curve(run_dir, out / "loss_curve.png")
+    total = timings.get("total", float("nan")) / 60
+    training = timings.get("pretrain", float("nan")) / 60
     lines = [
         "# radalign demo: CLIP pre-trained on simulated chest radiographs and reports",
+        "",
+        f"## The README's table, from this run ({total:.1f} min in all, {training:.1f} min of it training)",
+        "",
+        *readme_table(before, after),
+        "",
+        "## Every measure",
         "",
         f"CLIP (`configs/methods/clip-tiny.yaml`: ResNet-18 at 128 px, MiniLM partly frozen) trained for {steps} "
         f"steps on the CPU. Both models are measured on the same {before.n} held-out radiographs and their reports "

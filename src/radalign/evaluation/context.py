@@ -41,6 +41,9 @@ class Features:
     ids: list[str]
 
 
+FEATURE_KINDS = ("global", "backbone")
+
+
 class EvalContext:
     """The frozen model + protocol + split records; caches embeddings so tasks that share them pay once."""
 
@@ -141,21 +144,30 @@ class EvalContext:
         return self._cache[key]
 
     @torch.no_grad()
-    def features(self, role: str) -> Features:
-        """The frozen image encoder's global features (before projection) of a split: what linear probes read."""
-        key = ("features", role)
+    def features(self, role: str, kind: str = "global") -> Features:
+        """A split's frozen global image features (before projection), what linear probes read. ``kind``:
+        ``global`` = the method's own representation (:meth:`Method.global_image_features`: LoVT's and PRIOR's
+        attention pools), ``backbone`` = the image encoder's pooled output for every method."""
+        if kind not in FEATURE_KINDS:
+            raise ConfigError(f"features: kind must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+        key = ("features", role, kind)
         if key not in self._cache:
-            encoder = self.method.image_encoder
-            was_training = encoder.training
-            encoder.eval()
+            method = self.method
+            was_training = method.training
+            method.eval()
             xs, labels, ids = [], [], []
             for batch in self.loader(self.dataset(role)):
                 if not batch["batch_size"]:
                     continue
-                xs.append(encoder(batch["image"].to(self.device)).global_emb.float().cpu())
+                images = batch["image"].to(self.device)
+                if kind == "global":
+                    x = method.global_image_features(images)
+                else:
+                    x = method.image_encoder(images).global_emb
+                xs.append(x.float().cpu())
                 labels.append(batch["labels"].numpy())
                 ids += batch["id"]
-            encoder.train(was_training)
+            method.train(was_training)
             if not xs:
                 raise DataError(f"split {self.protocol.splits[role]!r}: no readable images")
             self._cache[key] = Features(torch.cat(xs), np.concatenate(labels), ids)

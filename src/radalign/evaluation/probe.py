@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radalign.errors import ConfigError, DataError
-from radalign.evaluation.context import EvalContext, TaskResult
+from radalign.evaluation.context import FEATURE_KINDS, EvalContext, TaskResult
 from radalign.evaluation.metrics import Metric, binary_auroc, over_seeds
 from radalign.evaluation.protocol import TaskSpec, check_params
 
-PROBE_DEFAULTS: dict[str, Any] = {
+COMMON_DEFAULTS: dict[str, Any] = {
     "fractions": [0.01, 0.1, 1.0],
     "epochs": 50,
     "lr": 5e-4,
@@ -32,7 +32,10 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "patience": 10,
     "label_type": "multilabel",
 }
-FINETUNE_DEFAULTS: dict[str, Any] = {**PROBE_DEFAULTS, "encoder_lr_ratio": 0.1}
+# features: "global" = each method's own global image representation before its projection (LoVT's and PRIOR's
+# attention pools; the encoder's pooled output for the others), "backbone" = the encoder's pooled output for all.
+PROBE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "features": "global"}
+FINETUNE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "encoder_lr_ratio": 0.1}
 LABEL_TYPES = ("multilabel", "multiclass")
 
 # A fresh pass over (inputs, raw 1/0/-1/NaN labels) batches; called once per epoch so shuffling can differ.
@@ -45,7 +48,7 @@ def run_linear_probe(ctx: EvalContext, spec: TaskSpec) -> TaskResult:
     start = time.perf_counter()
     data = {}
     for role in ("train", "val", "test"):
-        features = ctx.features(role)
+        features = ctx.features(role, p["features"])
         keep = usable_rows(features.labels, p["label_type"])
         data[role] = (features.x[keep].to(ctx.device), torch.from_numpy(features.labels[keep]).to(ctx.device))
     x_train, y_train = data["train"]
@@ -233,6 +236,11 @@ def _params(spec: TaskSpec, defaults: dict[str, Any]) -> dict[str, Any]:
         )
     if p["label_type"] not in LABEL_TYPES:
         raise ConfigError(f"task {spec.name}: label_type must be one of {LABEL_TYPES}; got {p['label_type']!r}")
+    if "features" in p and p["features"] not in FEATURE_KINDS:
+        raise ConfigError(
+            f"task {spec.name}: features must be one of {', '.join(FEATURE_KINDS)} (global: each method's own global "
+            f"image representation; backbone: the image encoder's pooled output); got {p['features']!r}"
+        )
     for key, kind, low in (("epochs", int, 1), ("batch_size", int, 1), ("patience", int, 1), ("lr", float, 1e-12),
                            ("weight_decay", float, 0), ("encoder_lr_ratio", float, 0)):  # fmt: skip
         value = p.get(key, low)
@@ -302,6 +310,10 @@ def _evaluate(
             notes.append(f"no positive training label for {', '.join(missing)}: their AUROC reflects an untrained head")
     figure = _figure(ctx, spec, p["fractions"], [metrics[f"{names[0]}@{_pct(f)}"] for f in p["fractions"]], names[0])
     summary = {"label_type": label_type, "findings": findings, "n_train_rows": len(train_labels), "params": p}
+    if "features" in p:  # the linear probe: which representation it read, in words
+        summary["features"] = (
+            ctx.method.global_feature_name if p["features"] == "global" else "the image encoder's pooled output"
+        )
     return TaskResult(metrics, [figure], {**summary, "runs": details}, notes=notes, seconds=time.perf_counter() - start)
 
 

@@ -25,6 +25,8 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     objective_names: ClassVar[tuple[str, ...]] = ()
+    # What :meth:`global_image_features` returns, in words (results.json records it with the linear probe).
+    global_feature_name: ClassVar[str] = "the image encoder's global feature (average pool, or [CLS] for a ViT)"
 
     def __init__(self, config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__()
@@ -61,6 +63,12 @@ class Method(nn.Module):
     def encode_texts(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised text (the batch's ``TEXT_KEYS``) -> (B, embed_dim) L2-normalised."""
         raise NotImplementedError
+
+    def global_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, F) the method's own global image representation, before its projection head: the vector its global
+        objective is built on. Linear probes read it (``tasks.linear_probe.features: global``). The default is the
+        encoder's pooled output; a method that pools its own way (LoVT's and PRIOR's attention pools) overrides."""
+        return self.image_encoder(images).global_emb
 
     def encode_image_locals(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(B, C, H, W) -> ((B, N, embed_dim) L2-normalised local embeddings in the shared space, grid_shape);

@@ -3,7 +3,8 @@
 The image encoder runs once through its feature pyramid: the global feature is the average of the last map (what
 ``ImageOutput.global_emb`` is for a CNN), the local features are the map at ``model.options.local_stride`` (16:
 ResNet conv4, as GLoRIA), projected by a 1x1 conv. Words are the text encoder's word embeddings (word pieces
-averaged through the data layer's token -> word indices), projected linearly. The losses are the already-tested
+averaged through the data layer's token -> word indices), preceded by the [CLS] token's feature as the official
+word sequence is (``model.options.cls_word``), projected linearly. The losses are the already-tested
 ``objectives/local/gloria.py`` functions (``GloriaLocalLoss.scores`` is ``gloria_local_scores``); this module
 only wires encoders, heads and config to them.
 """
@@ -24,8 +25,8 @@ from radalign.models.heads import ProjectionHead
 from radalign.objectives.local.gloria import GloriaLocalLoss, gloria_global_loss
 from radalign.training.config import check_options
 
-MODEL_OPTIONS = {"local_stride": 16}
-LOCAL_OPTIONS = {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0, "agg": "sum", "chunk_size": None}
+MODEL_OPTIONS = {"local_stride": 16, "cls_word": True}
+LOCAL_OPTIONS = {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0, "agg": "sum", "chunk_size": "auto", "recompute": True}
 GLOBAL_OPTIONS = {"temp3": 10.0}
 PROMPT_CHUNK = 64  # prompts scored at once by local_similarity: the all-pairs context is (B, P, W, D)
 
@@ -51,19 +52,20 @@ class GLoRIA(Method):
                 f"maps at strides {strides}; pick one of them (GLoRIA: 16, ResNet conv4) or a 2D timm CNN"
             )
         self.local_level = strides.index(stride)
+        self.cls_word = bool(options["cls_word"])
         local_channels = self.image_encoder.pyramid_channels[self.local_level]
         self.text_encoder = build_text_encoder(model.text, tokenizer, for_inference=for_inference)
         self.image_head = ProjectionHead(self.image_encoder.out_dim, model.embed_dim, kind=model.projection)
         self.local_head = nn.Conv2d(local_channels, model.embed_dim, kernel_size=1)  # GLoRIA's local_embedder
         self.text_head = ProjectionHead(self.text_encoder.out_dim, model.embed_dim, kind=model.projection)
         self.word_head = nn.Linear(self.text_encoder.out_dim, model.embed_dim)
-        chunk = local["chunk_size"]
         self.local_loss = GloriaLocalLoss(
             float(local["temp1"]),
             float(local["temp2"]),
             float(local["temp3"]),
             str(local["agg"]),
-            None if chunk is None else int(chunk),
+            local["chunk_size"],
+            bool(local["recompute"]),
         )
         self.setup_ema()
 
@@ -86,7 +88,11 @@ class GLoRIA(Method):
             token_sentence=text.get("token_sentence"),
             token_word=text["token_word"],
         )
-        return self.text_head(out.global_emb), self.word_head(out.words), out.word_mask
+        words, word_mask = out.words, out.word_mask
+        if self.cls_word:  # the official word sequence starts with [CLS] (its caption length counts it)
+            words = torch.cat([out.tokens[:, :1], words], dim=1)  # (B, 1 + W, D)
+            word_mask = torch.cat([out.token_mask[:, :1], word_mask], dim=1)
+        return self.text_head(out.global_emb), self.word_head(words), word_mask
 
     def encode_images(self, images: Tensor) -> Tensor:
         return F.normalize(self._image(images)[0], dim=-1)
@@ -123,7 +129,8 @@ class GLoRIA(Method):
 
     @torch.no_grad()
     def attention_maps(self, images: Tensor, text: dict[str, Tensor]) -> tuple[Tensor, tuple[int, int]]:
-        """(B, W, N) attention of each report's words over its own image, and the grid, for visualisation."""
+        """(B, W, N) attention of each report's words over its own image, and the grid, for visualisation; with
+        ``model.options.cls_word`` (the default) row 0 is the [CLS] position and row 1 + w is word w."""
         _, regions, grid = self._image(images)
         _, words, word_mask = self._text(text)
         return self.local_loss.attention_maps(regions, None, words, word_mask), grid

@@ -24,7 +24,7 @@ from radalign.models.pooling import AttentionPool
 from radalign.objectives.local.lovt import LovtCrossAttention, local_intra_sample_loss, spatial_positives
 from radalign.training.config import check_options
 
-MODEL_OPTIONS = {"pool_heads": 8, "projection_hidden": 2048, "sentence_pooling": "max"}
+MODEL_OPTIONS = {"pool_heads": 8, "projection_hidden": 2048, "sentence_pooling": "max", "cross_attention_bias": True}
 LOCAL_KEYS = {
     "local_image": {"weight", "tau", "spatial_smoothing", "threshold", "weighting"},
     "local_text": {"weight", "tau", "weighting"},
@@ -60,6 +60,7 @@ def project_valid(head: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
 @register("lovt")
 class LoVT(Method):
     objective_names = ("global", "local_image", "local_text")
+    global_feature_name = "LoVT's attention pool over the image regions (before the global projection head)"
 
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
@@ -85,7 +86,7 @@ class LoVT(Method):
 
         self.image_head, self.text_head = head(image_dim), head(text_dim)
         self.image_local_head, self.text_local_head = head(image_dim), head(text_dim)
-        self.cross_attention = LovtCrossAttention(embed)
+        self.cross_attention = LovtCrossAttention(embed, bias=bool(options["cross_attention_bias"]))
         self.contrast = build_infonce(config.objectives.get("global", {}))
         self.setup_ema()
 
@@ -115,6 +116,10 @@ class LoVT(Method):
 
     def encode_images(self, images: Tensor) -> Tensor:
         return F.normalize(self._images(images)[0], dim=-1)
+
+    def global_image_features(self, images: Tensor) -> Tensor:
+        out = self.image_encoder(images)
+        return self.image_pool(out.local, out.local_mask)[0]  # (B, C): what image_head projects
 
     def encode_image_locals(self, images: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         _, locals_, _, _, grid = self._images(images)

@@ -46,8 +46,14 @@ from radalign.objectives.prototype import PrototypeLoss
 from radalign.training.config import check_options
 
 HEAD_OPTIONS = ("head_hidden_dim", "head_norm", "head_output_norm")
-MODEL_OPTIONS = {"word_weights": "cls_attention"}
+MODEL_OPTIONS = {
+    "word_weights": "cls_attention",
+    "patch_weights": "cls_attention",
+    "clip_patch_weights": True,
+    "patch_context_norm": "auto",
+}
 WORD_WEIGHTS = ("cls_attention", "uniform")
+PATCH_CONTEXT_NORMS = ("auto", True, False)
 
 
 @register("mgca")
@@ -64,6 +70,18 @@ class MGCA(Method):
                 f"got {options['word_weights']!r}"
             )
         self.word_weighting = str(options["word_weights"])
+        if options["patch_weights"] not in WORD_WEIGHTS:
+            raise ConfigError(
+                f"mgca model.options.patch_weights must be one of {', '.join(WORD_WEIGHTS)}, "
+                f"got {options['patch_weights']!r}"
+            )
+        if options["patch_context_norm"] not in PATCH_CONTEXT_NORMS:
+            raise ConfigError(
+                "mgca model.options.patch_context_norm must be auto (MGCA's code: raw for ViTs, normalised for "
+                f"CNNs), true or false, got {options['patch_context_norm']!r}"
+            )
+        self.patch_weighting = str(options["patch_weights"])
+        self.clip_patch_weights = bool(options["clip_patch_weights"])
         head = {
             "kind": model.projection,
             "hidden_dim": model.options.get("head_hidden_dim"),
@@ -72,6 +90,9 @@ class MGCA(Method):
         }
         self.image_encoder = build_image_encoder(model.image, config.loader, for_inference=for_inference)
         self.text_encoder = build_text_encoder(model.text, tokenizer, for_inference=for_inference)
+        vit = bool(getattr(self.image_encoder, "is_vision_transformer", False))
+        norm = options["patch_context_norm"]
+        self.normalize_patch_context = not vit if norm == "auto" else bool(norm)
         image_dim, text_dim = self.image_encoder.out_dim, self.text_encoder.out_dim
         self.image_head = ProjectionHead(image_dim, model.embed_dim, **head)
         self.text_head = ProjectionHead(text_dim, model.embed_dim, **head)
@@ -121,8 +142,11 @@ class MGCA(Method):
             self.text_local_head(text.words),
             text.word_mask,
             word_weights=self.word_weights(text),
-            patch_weights=image.attention,  # ViT [CLS] -> patch attention; None (uniform) for CNNs
+            # ViT [CLS] -> patch attention; None (uniform) for CNNs
+            patch_weights=image.attention if self.patch_weighting == "cls_attention" else None,
             tau=self.token_temperature,
+            normalize_patch_context=self.normalize_patch_context,
+            clip_patch_weights=self.clip_patch_weights,
         )
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

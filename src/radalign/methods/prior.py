@@ -27,6 +27,7 @@ from radalign.models.decoders import ImageDecoder, QueryDecoder
 from radalign.models.outputs import locals_to_map
 from radalign.models.pooling import AttentionPool
 from radalign.objectives.local.prior import (
+    TEXT_AVERAGES,
     PriorCrossAttention,
     SimSiamPredictor,
     prior_image_local_loss,
@@ -51,7 +52,7 @@ MODEL_OPTIONS = {
     "decoder_layers": 8,
     "decoder_heads": 8,
 }
-LOCAL_TEXT_OPTIONS = {"temperature": 0.01, "learnable_temperature": True}
+LOCAL_TEXT_OPTIONS = {"temperature": 0.01, "learnable_temperature": True, "average": "report"}
 DECODER_OBJECTIVES = ("prototype_reconstruction", "prototype_kl", "generated_alignment")
 
 
@@ -67,6 +68,8 @@ class PRIOR(Method):
         "prototype_kl",
         "generated_alignment",
     )
+
+    global_feature_name = "PRIOR's attention pool over the image grid (CLIP's AttentionPool2d; it has no other head)"
 
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
@@ -96,6 +99,12 @@ class PRIOR(Method):
             int(options["prototypes"]), embed, float(options["prototype_tau"]), str(options["eval_assignment"])
         )
         self.contrast = build_infonce(config.objectives.get("global", {"temperature": 0.01}))
+        self.text_average = str(local_text["average"])
+        if self.text_average not in TEXT_AVERAGES:
+            raise ConfigError(
+                f"prior objectives.local_text.average must be one of {', '.join(TEXT_AVERAGES)} (report: the "
+                f"official mean over each report, then over reports), got {self.text_average!r}"
+            )
         tau = float(local_text["temperature"])
         scale = torch.tensor(1.0 / tau).log()
         if local_text["learnable_temperature"]:
@@ -160,6 +169,10 @@ class PRIOR(Method):
     def encode_images(self, images: Tensor) -> Tensor:
         return F.normalize(self._images(images)[0], dim=-1)
 
+    def global_image_features(self, images: Tensor) -> Tensor:
+        out = self.image_encoder(images)
+        return self.image_pool(out.local, out.local_mask, out.grid_shape)[0]  # (B, E), unnormalised
+
     def encode_image_locals(self, images: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         _, patches, _, grid = self._images(images)
         return F.normalize(patches, dim=-1), grid
@@ -197,7 +210,9 @@ class PRIOR(Method):
         losses = {
             "global": self.contrast(F.normalize(image_global, dim=-1), F.normalize(t["global"], dim=-1)),
             "local_image": prior_image_local_loss(self.predictor, patches, text_context, patch_valid),
-            "local_text": prior_text_local_loss(image_context, sentences, sentence_mask, self.local_logit_scale),
+            "local_text": prior_text_local_loss(
+                image_context, sentences, sentence_mask, self.local_logit_scale, self.text_average
+            ),
             "spb": t["spb"] if t["spb"] is not None else zero,
         }
         if self.objective_on("image_reconstruction"):

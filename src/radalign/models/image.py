@@ -127,6 +127,12 @@ class TimmImageEncoder(nn.Module):
         if self._attn_block is not None:
             self._attn_block.register_forward_pre_hook(self._keep_block_input)
 
+    @property
+    def is_vision_transformer(self) -> bool:
+        """True for patch-token transformers (ViT family), False for CNNs: methods whose official code branches on
+        the encoder family (MGCA's token loss) read it."""
+        return hasattr(self.model, "patch_embed") and hasattr(self.model, "blocks")
+
     @staticmethod
     def _create(timm: Any, name: str, pretrained: bool, kwargs: dict[str, Any], size_given: bool) -> nn.Module:
         try:

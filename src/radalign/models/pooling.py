@@ -18,12 +18,15 @@ from radalign.errors import ConfigError
 
 
 def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor:
-    """Softmax that gives masked entries exactly zero weight, and an all-masked row all zeros (never NaN)."""
+    """Softmax that gives masked entries exactly zero weight, and an all-masked row all zeros (never NaN).
+
+    Filled with the dtype's lowest value, a masked entry's exp(min - max) underflows to exactly 0 in any row that
+    has a valid entry (which then sums to 1 as it is); only all-masked rows, uniform after the softmax, need zeroing.
+    """
     if mask is None:
         return scores.softmax(dim=dim)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=dim) * mask
-    return weights / weights.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=dim)
+    return weights * mask.any(dim=dim, keepdim=True)
 
 
 class AttentionPool(nn.Module):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from radalign.errors import ConfigError
 from radalign.objectives.local.common import masked_fill_logits, masked_mean
 
 
@@ -108,17 +109,24 @@ def prior_image_local_loss(
     return masked_mean(per_patch, patch_mask, dim=(0, 1))
 
 
+TEXT_AVERAGES = ("report", "sentence")
+
+
 def prior_text_local_loss(
-    image_context: Tensor, sentences: Tensor, sentence_mask: Tensor, logit_scale: Tensor
+    image_context: Tensor, sentences: Tensor, sentence_mask: Tensor, logit_scale: Tensor, average: str = "report"
 ) -> Tensor:
     """L_loc_txt: per report, InfoNCE between its sentences' visual contexts and the sentences, both directions.
 
     image_context (B, S, D) (C_img), sentences (B, S, D), sentence_mask (B, S) bool, logit_scale a scalar tensor
     holding the LOG of the scale (CLIP's convention: scale = exp(logit_scale) = 1 / tau_l; init log(100)).
-    With unit vectors c, s and l_ij = scale * <c_i, s_j> over the report's valid sentences i, j:
-    loss = (mean_i CE(l_i., i) + mean_j CE(l_.j, j)) / 2, each mean over all valid sentences of the batch. Negatives
-    come only from the same report; a report with one sentence gives a 0 term, one with none adds nothing.
+    With unit vectors c, s and l_ij = scale * <c_i, s_j> over the report's valid sentences i, j, each sentence's
+    term is (CE(l_i., i) + CE(l_.i, i)) / 2. ``average="report"`` (the official code): the mean over each report's
+    sentences, then over the reports, so every report weighs the same; ``"sentence"``: one mean over all valid
+    sentences of the batch, so long reports weigh more. Negatives come only from the same report; a report with
+    one sentence gives a 0 term, one with none is left out of the mean.
     """
+    if average not in TEXT_AVERAGES:
+        raise ConfigError(f"PRIOR local_text: average must be one of {TEXT_AVERAGES}, got {average!r}")
     mask = sentence_mask.bool()
     c, s = F.normalize(image_context, dim=-1), F.normalize(sentences, dim=-1)
     logits = c @ s.transpose(1, 2) * logit_scale.exp().to(c.dtype)  # (B, S, S): logits[b, i, j] = <c_i, s_j>
@@ -127,4 +135,7 @@ def prior_text_local_loss(
     filled = masked_fill_logits(logits, pair_mask)
     c2s = filled.logsumexp(-1) - positive  # (B, S), row i: context i against the report's sentences
     s2c = filled.logsumexp(-2) - positive  # (B, S), column j: sentence j against the report's contexts
-    return masked_mean((c2s + s2c) / 2, mask, dim=(0, 1))
+    per_sentence = (c2s + s2c) / 2
+    if average == "sentence":
+        return masked_mean(per_sentence, mask, dim=(0, 1))
+    return masked_mean(masked_mean(per_sentence, mask, dim=1), mask.any(dim=1), dim=0)
