@@ -156,18 +156,25 @@ def measure(name: str, variant: str, batch: int, repeats: int, device: str) -> d
 Case = tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor], Callable[[], torch.Tensor]]
 
 
-def _lengths(g: torch.Generator, batch: int, low: int, high: int) -> torch.Tensor:
-    return torch.randint(low, high + 1, (batch,), generator=g)
+def _leaves(g: torch.Generator, device: str, **shapes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Random N(0, 1) tensors of the given shapes on ``device``, as leaves that take gradients."""
+    return {k: torch.randn(*shape, generator=g).to(device).requires_grad_() for k, shape in shapes.items()}
+
+
+def _lengths(g: torch.Generator, batch: int, low: int, high: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random lengths in [low, high] and their (batch, high) validity mask on ``device``."""
+    lengths = torch.randint(low, high + 1, (batch,), generator=g)
+    return lengths, (torch.arange(high)[None] < lengths[:, None]).to(device)
 
 
 def gloria_case(device: str, chunk: int | str | None = "auto") -> Case:
     """GLoRIA's paper setting: batch 48, 768-d, 19x19 conv4 regions (299 px), reports of at most 25 words."""
     g = torch.Generator().manual_seed(0)
     b, n, w, d = 48, 361, 25, 768
-    lengths = _lengths(g, b, 8, w)
-    x = {"regions": torch.randn(b, n, d, generator=g), "words": torch.randn(b, w, d, generator=g) * 0.1}
-    x = {k: v.to(device).requires_grad_() for k, v in x.items()}
-    mask = (torch.arange(w)[None] < lengths[:, None]).to(device)
+    lengths, mask = _lengths(g, b, 8, w, device)
+    x = _leaves(g, device, regions=(b, n, d), words=(b, w, d))
+    with torch.no_grad():
+        x["words"].mul_(0.1)  # milder word-region dot products: GLoRIA's first softmax not saturated
     loss = GloriaLocalLoss(chunk_size=chunk)
     # radalign averages the two directions, the official code adds them: compare 2 x ours with theirs
     ours = lambda: 2 * loss(x["regions"], None, x["words"], mask)  # noqa: E731
@@ -179,8 +186,7 @@ def mgca_case(device: str) -> Case:
     """MGCA's default: ViT-B/16 (196 patches), 128-d, batch 144, 111-token reports (unpadded: see the module)."""
     g = torch.Generator().manual_seed(0)
     b, n, w, d = 144, 196, 111, 128
-    x = {"patches": torch.randn(b, n, d, generator=g), "words": torch.randn(b, w, d, generator=g)}
-    x = {k: v.to(device).requires_grad_() for k, v in x.items()}
+    x = _leaves(g, device, patches=(b, n, d), words=(b, w, d))
     word_weights = torch.rand(b, w, generator=g).to(device)
     patch_weights = torch.rand(b, n, generator=g).softmax(dim=1).to(device)
     patch_mask = torch.ones(b, n, dtype=torch.bool, device=device)
@@ -197,11 +203,9 @@ def lovt_case(device: str) -> Case:
     """LoVT's paper setting: batch 32, 7x7 regions, at most 10 sentences, 512-d; cross-attention + 4 terms."""
     g = torch.Generator().manual_seed(0)
     b, n, s, d = 32, 49, 10, 512
-    lengths = _lengths(g, b, 3, s)
-    x = {"regions": torch.randn(b, n, d, generator=g), "sentences": torch.randn(b, s, d, generator=g)}
-    x = {k: v.to(device).requires_grad_() for k, v in x.items()}
+    _, sentence_mask = _lengths(g, b, 3, s, device)
+    x = _leaves(g, device, regions=(b, n, d), sentences=(b, s, d))
     region_mask = torch.ones(b, n, dtype=torch.bool, device=device)
-    sentence_mask = (torch.arange(s)[None] < lengths[:, None]).to(device)
     rw, sw = torch.rand(b, n, generator=g).to(device), torch.rand(b, s, generator=g).to(device)
     torch.manual_seed(0)
     module = LovtCrossAttention(d).to(device).train()
@@ -223,10 +227,8 @@ def prior_case(device: str) -> Case:
     """PRIOR's paper setting: batch 98 per GPU, 7x7 patches, 768-d, reports of 4-12 sentences (>= 4 kept)."""
     g = torch.Generator().manual_seed(0)
     b, n, s, d = 98, 49, 12, 768
-    lengths = _lengths(g, b, 4, s)
-    x = {"patches": torch.randn(b, n, d, generator=g), "sentences": torch.randn(b, s, d, generator=g)}
-    x = {k: v.to(device).requires_grad_() for k, v in x.items()}
-    sentence_mask = (torch.arange(s)[None] < lengths[:, None]).to(device)
+    lengths, sentence_mask = _lengths(g, b, 4, s, device)
+    x = _leaves(g, device, patches=(b, n, d), sentences=(b, s, d))
     torch.manual_seed(0)
     attention, predictor = PriorCrossAttention(d).to(device), SimSiamPredictor(d).to(device)
     log_scale = torch.tensor(math.log(100.0), device=device, requires_grad=True)

@@ -2,10 +2,13 @@
 
 Three objectives, returned unweighted (the stage schedule weighs them: instance 1, token 0.7, prototype 0.5):
 
-- ``instance``: InfoNCE between the projected image and report globals (tau 0.07, ``build_infonce``);
+- ``instance``: InfoNCE between the projected image and report globals (tau 0.07, ``build_infonce``); the configs
+  sum its two directions (``direction_weights: [1, 1]``) as MGCA's ``loss_ita`` does;
 - ``token``: :func:`mgca_token_loss` between the projected patches and the projected words (tau 0.1), words
-  weighted by the text [CLS] attention (clipped to its 10th-90th percentile by the loss), patches by the ViT [CLS]
-  attention (uniform for CNNs);
+  weighted by the text [CLS] attention (clipped to its 10th-90th percentile by the loss). Patches follow MGCA's
+  code per encoder family: for a ViT, weights = its [CLS] attention clipped the same way and the patch -> word
+  contexts left unnormalised; for a CNN, uniform weights and normalised contexts (``model.options``
+  ``patch_weights``, ``clip_patch_weights``, ``patch_context_norm: auto | true | false``);
 - ``prototype``: :class:`PrototypeLoss` (500 prototypes, Sinkhorn-Knopp codes, swapped prediction, tau 0.2) on
   the projected globals, switched on after the warm-up by a stage (its own weight is 0 until then).
 
@@ -17,7 +20,7 @@ Word weights (``model.options.word_weights``): ``cls_attention`` (default, as MG
 through the data layer's ``token_word`` (so a word's weight is the attention mass on it) and detached, as MGCA
 computes them under ``torch.no_grad``; ``uniform`` weighs every word equally.
 
-[design] differences from MGCA:
+[design] differences from MGCA (docs/methods/mgca.md has them all):
 - word weights: the [CLS] attention is recomputed from the last layer's input before attention dropout (MGCA's
   BLIP-style BERT also returns the pre-dropout probabilities); [CLS], [SEP] and padding belong to no word, so
   [SEP] gets no weight and the [CLS] / [SEP] attention mass is left out (MGCA keeps [SEP] as a word); and each
