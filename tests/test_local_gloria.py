@@ -179,6 +179,12 @@ def test_chunked_scores_equal_the_all_at_once_ones(chunk, recompute):
         grads.append((loss.detach(), w.grad, r.grad))
     for whole, chunked in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(chunked, whole)
+    # A chunk of reports without any word (cut to one masked slot, not to none): finite and the same as at once.
+    empty = word_mask.clone()
+    empty[1] = False
+    at_once = gloria_local_scores(words, empty, regions, region_mask, chunk_size=None)
+    by_one = gloria_local_scores(words, empty, regions, region_mask, chunk_size=1, recompute=recompute)
+    assert torch.isfinite(by_one).all() and torch.allclose(by_one, at_once)
     for bad in (0, "fast", 2.5):
         with pytest.raises(ConfigError, match="chunk_size"):
             gloria_local_scores(words, word_mask, regions, region_mask, chunk_size=bad)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from radalign.errors import ConfigError
 from radalign.objectives.local.lovt import LovtCrossAttention, local_intra_sample_loss, spatial_positives
 
 GRID = (3, 4)
@@ -234,3 +236,18 @@ def test_adam_steps_on_learnable_features_lower_the_total_local_loss():
         opt.step()
     with torch.no_grad():
         assert float(total()) < 0.8 * first
+
+
+def test_initialisation_is_the_official_kaiming_fan_out_or_pytorchs_default():
+    torch.manual_seed(0)
+    dim = 256
+    official, default = LovtCrossAttention(dim), LovtCrossAttention(dim, init="torch")
+    for layer in ("key", "value", "out"):
+        w_official, w_default = getattr(official, layer).weight, getattr(default, layer).weight
+        # Kaiming normal, fan-out, linear gain: std 1 / sqrt(dim); nn.Linear: U(-1/sqrt(dim), 1/sqrt(dim))
+        assert abs(float(w_official.std()) * math.sqrt(dim) - 1) < 0.02
+        assert abs(float(w_default.std()) * math.sqrt(3 * dim) - 1) < 0.02
+        assert float(w_default.abs().max()) <= 1 / math.sqrt(dim)
+        assert torch.count_nonzero(getattr(official, layer).bias) == 0
+    with pytest.raises(ConfigError, match="init must be one of official, torch"):
+        LovtCrossAttention(dim, init="xavier")

@@ -24,7 +24,13 @@ from radalign.models.pooling import AttentionPool
 from radalign.objectives.local.lovt import LovtCrossAttention, local_intra_sample_loss, spatial_positives
 from radalign.training.config import check_options
 
-MODEL_OPTIONS = {"pool_heads": 8, "projection_hidden": 2048, "sentence_pooling": "max", "cross_attention_bias": True}
+MODEL_OPTIONS = {
+    "pool_heads": 8,
+    "projection_hidden": 2048,
+    "sentence_pooling": "max",
+    "cross_attention_bias": True,
+    "cross_attention_init": "official",
+}
 LOCAL_KEYS = {
     "local_image": {"weight", "tau", "spatial_smoothing", "threshold", "weighting"},
     "local_text": {"weight", "tau", "weighting"},
@@ -86,7 +92,9 @@ class LoVT(Method):
 
         self.image_head, self.text_head = head(image_dim), head(text_dim)
         self.image_local_head, self.text_local_head = head(image_dim), head(text_dim)
-        self.cross_attention = LovtCrossAttention(embed, bias=bool(options["cross_attention_bias"]))
+        self.cross_attention = LovtCrossAttention(
+            embed, bias=bool(options["cross_attention_bias"]), init=str(options["cross_attention_init"])
+        )
         self.contrast = build_infonce(config.objectives.get("global", {}))
         self.setup_ema()
 

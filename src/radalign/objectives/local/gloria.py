@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radalign.errors import ConfigError
-from radalign.objectives.local.common import masked_fill_logits, masked_softmax
+from radalign.objectives.local.common import NEG, masked_fill_logits, masked_softmax
 
 AGGREGATIONS = ("sum", "mean")
 
@@ -68,13 +68,14 @@ def gloria_attention(
 
 
 def _aggregate(sim: Tensor, word_mask: Tensor, agg: str) -> Tensor:
-    """log(sum or mean over valid words of exp(sim)); sim (..., W), word_mask broadcastable to it."""
+    """log(sum or mean over valid words of exp(sim)); sim (..., W), word_mask broadcastable to it. A report
+    without words scores the large negative NEG, however much padding it has (a match to nothing)."""
     if agg not in AGGREGATIONS:
         raise ConfigError(f"GLoRIA: agg must be one of {AGGREGATIONS}, got {agg!r}")
     scores = torch.logsumexp(masked_fill_logits(sim, word_mask), dim=-1)  # stable form of log(sum(exp))
     if agg == "mean":
         scores = scores - word_mask.sum(-1).clamp_min(1).to(sim.dtype).log()
-    return scores
+    return torch.where(word_mask.any(dim=-1), scores, NEG)
 
 
 def resolve_chunking(chunk_size: int | str | None, recompute: bool, device: torch.device) -> tuple[int | None, bool]:
@@ -135,7 +136,7 @@ def _trimmed(words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor]:
     """``words`` (B, W, D) and ``word_mask`` cut after the last position any report uses: trailing padding would
     cost the all-pairs attention as much as real words (a third of it at GLoRIA's lengths)."""
     used = word_mask.any(dim=0).nonzero()
-    keep = int(used[-1]) + 1 if len(used) else 0
+    keep = int(used[-1]) + 1 if len(used) else 1  # reports without words keep one (masked) slot: finite scores
     return words[:, :keep], word_mask[:, :keep]
 
 
