@@ -18,6 +18,26 @@ def test_masked_softmax_ignores_masked_positions_and_never_gives_nan():
     assert torch.equal(weights[1], torch.zeros(3))  # an all-masked row: zeros, not NaN
 
 
+def test_masked_softmax_masks_large_logits_exactly_and_passes_them_no_gradient():
+    # Masked entries far larger than the valid ones: without the fill they would take all the weight.
+    logits = torch.tensor([[1.0, 50.0, 3.0, -2.0], [1e4, 0.0, -1e4, 2.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    weights = masked_softmax(logits, mask)
+    for row in range(2):
+        valid = mask[row]
+        assert torch.equal(weights[row][~valid], torch.zeros(int((~valid).sum())))
+        torch.testing.assert_close(weights[row][valid], torch.softmax(logits[row][valid], 0))
+    (weights * torch.arange(4.0)).sum().backward()
+    assert torch.equal(logits.grad[~mask], torch.zeros(int((~mask).sum())))
+    # broadcast masks (as the attention code passes them) and other dims
+    scores = torch.randn(2, 3, 4)
+    keys = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    out = masked_softmax(scores, keys[:, None, :], dim=-1)
+    assert torch.equal(out[1], torch.zeros(3, 4)) and torch.allclose(out[0].sum(-1), torch.ones(3))
+    over_rows = masked_softmax(scores, keys[:, None, :].transpose(1, 2)[:, :3], dim=1)  # (2, 3, 1) over dim 1
+    assert torch.allclose(over_rows[0].sum(0), torch.ones(4))
+
+
 def test_masked_mean_over_valid_positions():
     values = torch.tensor([[1.0, 2.0, 100.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[True, True, False], [False, False, False]])

@@ -102,6 +102,21 @@ def test_spatial_positives_are_thresholded_exponentials_of_normalised_distance()
     assert torch.equal(spatial_positives(GRID, smooth=False), torch.eye(h * w))
 
 
+def test_the_distance_threshold_is_inclusive_on_the_grids_the_configs_use():
+    # 2x2 (tiny configs at 64 px) and 4x4 (128 px) have cell pairs at exactly half the diagonal: they are positives
+    # (d <= 0.5); just past it they are not. The 3x4 grid above has no such pair.
+    for grid in ((2, 2), (4, 4)):
+        h, w = grid
+        p = spatial_positives(grid, threshold=0.5)
+        for a in range(h * w):
+            for b in range(h * w):
+                (ya, xa), (yb, xb) = divmod(a, w), divmod(b, w)
+                d = math.hypot(ya - yb, xa - xb) / math.hypot(h, w)
+                assert (p[a, b] > 0) == (d <= 0.5 + 1e-9), (grid, a, b, d)
+    assert (spatial_positives((2, 2)) > 0).all()  # diagonal neighbours at d = 0.5 exactly
+    assert torch.count_nonzero(spatial_positives((2, 2), threshold=0.49)) == 4 * 3  # itself + 2 neighbours, no diagonal
+
+
 def _identity_attention(dim: int) -> LovtCrossAttention:
     module = LovtCrossAttention(dim)
     with torch.no_grad():
