@@ -167,3 +167,69 @@ def test_dataset_reads_from_cache(tiny_manifest, tmp_path, monkeypatch):
 def test_missing_cache_folder_is_explained(tmp_path: Path):
     with pytest.raises(DataError, match="radalign prepare"):
         PreparedCache(tmp_path)
+
+
+def _records_with_ids(tiny_manifest: Path, ids: list[str]):
+    """The first len(ids) records of the tiny manifest, renamed (each keeps its own image)."""
+    from dataclasses import replace
+
+    records = load_manifest(tiny_manifest).records
+    return [replace(record, id=new_id) for record, new_id in zip(records, ids, strict=False)]
+
+
+def test_cache_ids_that_sanitise_alike_keep_their_own_images(tiny_manifest, tmp_path):
+    # MIMIC-style ids contain slashes; format 1 reduced all three to pat_1.0.npy and served one image to all
+    records = _records_with_ids(tiny_manifest, ["pat/1", "pat_1", "pat 1"])
+    report = prepare_cache(records, tmp_path / "c", CacheSettings(size=24), workers=1, progress=False)
+    assert report.written == 3
+    cache = PreparedCache(tmp_path / "c")
+    assert len({entry["file"] for entry in cache.entries.values()}) == 3
+    direct = [prepare_cache([r], tmp_path / f"alone{i}", CacheSettings(size=24), workers=1, progress=False)
+              for i, r in enumerate(records)]  # fmt: skip
+    assert all(d.written == 1 for d in direct)
+    for i, record in enumerate(records):
+        alone = PreparedCache(tmp_path / f"alone{i}").get(record)
+        assert np.array_equal(cache.get(record).array, alone.array), record.id
+    assert not np.array_equal(cache.get(records[0]).array, cache.get(records[1]).array)
+
+
+def test_cache_serves_an_entry_only_to_its_record_and_never_damaged_pixels(tiny_manifest, tmp_path):
+    import json
+
+    records = _records_with_ids(tiny_manifest, ["a", "b"])
+    prepare_cache(records, tmp_path / "c", CacheSettings(size=24), workers=1, progress=False)
+    index = tmp_path / "c" / "index.json"
+    payload = json.loads(index.read_text())
+    # an index merged by hand: record a's entry now names b's file
+    payload["entries"]["a#0"]["file"] = payload["entries"]["b#0"]["file"]
+    index.write_text(json.dumps(payload))
+    cache = PreparedCache(tmp_path / "c")
+    assert cache.get(records[0]) is None and cache.damaged == 1
+    assert cache.get(records[1]) is not None
+    # one flipped byte in b's pixels: the checksum refuses the entry
+    path = tmp_path / "c" / "images" / payload["entries"]["b#0"]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert cache.get(records[1]) is None and cache.damaged == 2
+    # and the dataset decodes the source instead
+    dataset = RadDataset(records, cache=cache)
+    assert dataset[1]["image"].shape == (1, 80, 64)
+
+
+def test_cache_of_an_older_format_is_rebuilt_and_its_files_removed(tiny_manifest, tmp_path):
+    import json
+
+    records = _records_with_ids(tiny_manifest, ["pat/1", "pat_1"])
+    prepare_cache(records, tmp_path / "c", CacheSettings(size=24), workers=1, progress=False)
+    index = tmp_path / "c" / "index.json"
+    payload = json.loads(index.read_text())
+    payload["version"] = 1
+    index.write_text(json.dumps(payload))
+    (tmp_path / "c" / "images" / "pat_1.0.npy").write_bytes(b"format 1")
+    with pytest.raises(DataError, match="radalign prepare"):
+        PreparedCache(tmp_path / "c")
+    report = prepare_cache(records, tmp_path / "c", CacheSettings(size=24), workers=1, progress=False)
+    assert report.written == 2 and report.reused == 0
+    assert not (tmp_path / "c" / "images" / "pat_1.0.npy").exists()
+    assert PreparedCache(tmp_path / "c").get(records[0]) is not None

@@ -65,7 +65,7 @@ def prepare(
 
     Args:
         data: The manifest (.csv or .parquet).
-        out: Cache folder; pass it to training as data.cache_dir. Re-running reuses unchanged entries.
+        out: Cache folder; pass it to training as --loader.cache_dir. Re-running reuses unchanged entries.
         size: 2D images: short side in pixels after resizing (aspect kept).
         spacing_mm: 3D volumes: voxel spacing after resampling, in mm.
         workers: Decoding processes (default: up to 4).

@@ -2,15 +2,18 @@
 
 DICOM decoding (JPEG 2000 especially) and resizing a 3000 px radiograph cost far more than a training step
 needs, so they are done once: 2D images are resized so the short side is ``size`` px (aspect kept; random
-crops happen later), volumes are resampled to ``spacing_mm``. Each image becomes one ``.npy`` file;
-``index.json`` records what it was made from (path, size, mtime), so a changed source file is detected and
-decoded again instead of silently served stale.
+crops happen later), volumes are resampled to ``spacing_mm``. Each image becomes one ``.npy`` file, named by
+a hash of the record id, the image's position and its source path, so two records never share a file whatever
+their ids (``pat/1``, ``pat_1`` and ``pat 1`` are three files). ``index.json`` records what each entry was made
+from (id, source path, size, mtime) and a checksum of its pixels; a hit is served only when all of them match the
+record asking, so a changed source file is decoded again and a damaged entry is never served.
 
 Storage dtypes: float16 for [0, 1] radiographs, int16 for CT in HU (1 HU steps), float32 otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -28,7 +31,8 @@ from radalign.data.schema import Image, Modality, Record
 from radalign.errors import DataError
 
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 1
+# 2: collision-free file names and per-entry checksums (1 let ids like pat/1 and pat_1 share one file)
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,17 @@ def _storage_dtype(intensity: str) -> np.dtype:
     return np.dtype({"unit": np.float16, "hu": np.int16}.get(intensity, np.float32))
 
 
-def _entry_name(record_id: str, index: int) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in record_id)
-    return f"{safe}.{index}.npy"
+def _entry_name(record_id: str, index: int, source: Path) -> str:
+    """A file name no other (record, image) can have: a readable prefix for people, a hash of the id, the
+    image's position and the resolved source path for uniqueness."""
+    identity = f"{record_id}\0{index}\0{source.resolve()}".encode()
+    digest = hashlib.sha256(identity).hexdigest()[:24]
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in record_id)[:40]
+    return f"{readable}.{index}-{digest}.npy"
+
+
+def _checksum(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
 
 def _prepare_one(
@@ -93,10 +105,15 @@ def _prepare_one(
         array = image.array
         if image.intensity == "hu":
             array = np.clip(np.rint(array), -32768, 32767)
-        name = _entry_name(record_id, index)
-        np.save(Path(root) / "images" / name, array.astype(_storage_dtype(image.intensity)))
+        name = _entry_name(record_id, index, Path(source))
+        stored = array.astype(_storage_dtype(image.intensity))
+        np.save(Path(root) / "images" / name, stored)
         entry = {
             "file": name,
+            "id": record_id,
+            "index": index,
+            "shape": list(stored.shape),
+            "checksum": _checksum(stored),
             "source": _source_key(Path(source)),
             "spacing": list(image.spacing),
             "modality": image.modality.value,
@@ -117,7 +134,10 @@ class PrepareReport:
 
 
 class PreparedCache:
-    """Read side of the cache: the decoded, resized image of a record, or None when absent or stale."""
+    """Read side of the cache: the decoded, resized image of a record, or None when absent, stale or damaged.
+
+    ``stale`` counts entries whose source changed after `prepare`; ``damaged`` those whose file is missing or
+    does not hold the pixels `prepare` wrote (both are decoded from the source instead)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -133,6 +153,7 @@ class PreparedCache:
         self.settings = CacheSettings(payload["settings"]["size"], tuple(payload["settings"]["spacing_mm"]))
         self.entries: dict[str, dict[str, Any]] = payload["entries"]
         self.stale = 0
+        self.damaged = 0
 
     def get(self, record: Record, index: int = 0) -> Image | None:
         entry = self.entries.get(f"{record.id}#{index}")
@@ -145,7 +166,19 @@ class PreparedCache:
                 return None
         except OSError:
             return None
-        array = np.load(self.root / "images" / entry["file"]).astype(np.float32)
+        expected = _entry_name(record.id, index, source)
+        if (entry["id"], entry["index"]) != (record.id, index) or entry["file"] != expected:
+            self.damaged += 1  # an index edited or merged by hand: never serve another record's pixels
+            return None
+        try:
+            stored = np.load(self.root / "images" / entry["file"])
+        except (OSError, ValueError):
+            self.damaged += 1
+            return None
+        if list(stored.shape) != entry["shape"] or _checksum(stored) != entry["checksum"]:
+            self.damaged += 1
+            return None
+        array = stored.astype(np.float32)
         return Image(
             array=array,
             spacing=tuple(entry["spacing"]),
@@ -180,7 +213,13 @@ def prepare_cache(
         for i, path in enumerate(record.image_paths):
             key = f"{record.id}#{i}"
             entry = entries.get(key)
-            if entry is not None and path.exists() and _source_key(path) == entry["source"]:
+            if (
+                entry is not None
+                and path.exists()
+                and _source_key(path) == entry["source"]
+                and entry["file"] == _entry_name(record.id, i, path)
+                and (root / "images" / entry["file"]).is_file()
+            ):
                 report.reused += 1
                 continue
             todo.append((record.id, i, str(path), settings, str(root)))
@@ -198,6 +237,11 @@ def prepare_cache(
     payload = {"version": FORMAT_VERSION, "settings": _settings_json(settings), "entries": entries}
     tmp.write_text(json.dumps(payload), encoding="utf-8")
     tmp.replace(index_path)
+    # files no entry names (an older format's names, failed re-decodes) would only cost disk
+    named = {entry["file"] for entry in entries.values()}
+    for orphan in (root / "images").glob("*.npy"):
+        if orphan.name not in named:
+            orphan.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
     return report
 
