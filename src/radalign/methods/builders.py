@@ -27,7 +27,8 @@ def build_text_encoder(config: TextEncoderConfig, tokenizer: Any, *, for_inferen
     from radalign.models.text import build_text_encoder as build
 
     vocab_size = len(tokenizer) if tokenizer is not None else None
-    return build(config, vocab_size=vocab_size)
+    # an export's weights replace the pretrained ones: loading it must not go to the network for them
+    return build(config, vocab_size=vocab_size, local_only=for_inference)
 
 
 def build_infonce(spec: dict[str, Any]) -> nn.Module:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from radalign.errors import ConfigError
+from radalign.errors import ConfigError, refused_model_code
 from radalign.models.outputs import TextOutput
 from radalign.models.pooling import AttentionPool, masked_softmax, segment_mean
 
@@ -50,8 +50,9 @@ def tiny_bert(
     return BertModel(config, add_pooling_layer=False)
 
 
-def load_text_model(name_or_path: str | Path) -> nn.Module:
-    """A transformers encoder from a local folder, ``"minilm"`` (bundled, offline) or a hub name (network)."""
+def load_text_model(name_or_path: str | Path, *, local_only: bool = False) -> nn.Module:
+    """A transformers encoder from a local folder, ``"minilm"`` (bundled, offline) or a hub name (network, unless
+    ``local_only``: then only a copy already on this machine). Code shipped with a model is never run."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -63,8 +64,17 @@ def load_text_model(name_or_path: str | Path) -> nn.Module:
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(str(name_or_path))
+        model = AutoModel.from_pretrained(str(name_or_path), trust_remote_code=False, local_files_only=local_only)
     except (OSError, ValueError) as err:
+        refusal = refused_model_code(err, name_or_path)
+        if refusal or local_only:
+            raise ConfigError(
+                refusal
+                or (
+                    f"text model {name_or_path!r} is not on this machine, and loading an export never downloads: "
+                    f"put the model's folder here and set model.text.name in the export's config.json to it ({err})"
+                )
+            ) from err
         raise ConfigError(
             f"could not load a text model from {name_or_path!r}: {err}. Pass a local folder with config.json and "
             "weights, 'minilm' for the bundled MiniLM, 'tiny' for a random tiny BERT, or a hub name (needs network)"
@@ -134,11 +144,16 @@ class HFTextEncoder(nn.Module):
         freeze_layers: int = 0,
         pooling: Pooling = "cls",
         sum_last_layers: int = 1,
+        *,
+        local_only: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "attention"):
             raise ConfigError(f"text encoder: pooling must be 'cls', 'mean' or 'attention', got {pooling!r}")
-        self.model = name_or_path if isinstance(name_or_path, nn.Module) else load_text_model(name_or_path)
+        if isinstance(name_or_path, nn.Module):
+            self.model = name_or_path
+        else:
+            self.model = load_text_model(name_or_path, local_only=local_only)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # BERT's pooler is never used: unused parameters would break DDP
         self.out_dim = int(self.model.config.hidden_size)
@@ -224,11 +239,14 @@ class HFTextEncoder(nn.Module):
         )
 
 
-def build_text_encoder(config: Mapping[str, Any] | Any, vocab_size: int | None = None) -> HFTextEncoder:
+def build_text_encoder(
+    config: Mapping[str, Any] | Any, vocab_size: int | None = None, *, local_only: bool = False
+) -> HFTextEncoder:
     """A text encoder from ``{"name", "freeze_embeddings", "freeze_layers", "pooling", "tiny"}`` (dict or dataclass).
 
     ``name: tiny`` builds :func:`tiny_bert` with the ``tiny`` sizes (hidden, layers, heads, intermediate); its
-    vocabulary size comes from the tokenizer (``vocab_size`` here, or ``tiny.vocab_size``).
+    vocabulary size comes from the tokenizer (``vocab_size`` here, or ``tiny.vocab_size``). ``local_only``: never
+    download (what loading an export uses).
     """
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     name = cfg.pop("name", "minilm")
@@ -244,6 +262,6 @@ def build_text_encoder(config: Mapping[str, Any] | Any, vocab_size: int | None =
     else:
         model = name
     try:
-        return HFTextEncoder(model, **cfg)
+        return HFTextEncoder(model, **cfg, local_only=local_only)
     except TypeError as err:
         raise ConfigError(f"text encoder config: {err}") from err

@@ -12,6 +12,7 @@ The run folder holds everything a run produces:
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,7 +195,17 @@ def pretrain(
     log = get_logger()
     if ckpt_path is not None:
         log.info(f"resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if ckpt_path is None:
+            raise
+        raise ConfigError(
+            f"refused to resume from {ckpt_path}: it holds objects other than tensors and plain values, and loading "
+            f"them could run code ({str(err).splitlines()[0]}). If you wrote it yourself, move it away to start "
+            "afresh; never resume from a checkpoint of unknown origin"
+        ) from err
     export_dir = export(method, config, out / "export", tokenizer=data.tokenizer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info(f"run {out}: {trainer.global_step} steps; export in {export_dir}")
