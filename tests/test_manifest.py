@@ -58,6 +58,25 @@ def test_parquet_round_trip_keeps_everything(folder):
     ]
 
 
+def test_csv_cells_a_spreadsheet_would_run_are_written_as_text_and_read_back_unchanged(folder):
+    from dataclasses import replace
+
+    manifest = load_manifest(write_csv(folder, good_rows()))
+    texts = ['=HYPERLINK("http://x")', "+1+1", "@SUM(A1)", "-2+3", "'=already quoted", "'plain"]
+    records = [replace(manifest.records[1], id=f"r{i}", report=text) for i, text in enumerate(texts)]
+    out = write_manifest(records, folder / "copy.csv")
+    import csv
+
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    written = [row["report"] for row in rows]
+    assert rows[0]["label_edema"] == "-1"  # a number is not a formula
+    assert written[:5] == ["'" + t for t in texts[:5]] and written[5] == "'plain"
+    assert all(not cell.startswith(("=", "+", "-", "@")) for cell in written)
+    again = load_manifest(out)
+    assert [r.report for r in again.records] == texts
+    assert again.records[0].labels == manifest.records[1].labels == {"pleural_effusion": 1, "edema": -1}
+
+
 def test_every_bad_row_is_named_with_its_reason(folder):
     rows = [
         *good_rows(),

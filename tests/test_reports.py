@@ -259,6 +259,7 @@ def test_non_utf8_bytes_are_refused_with_offset_and_fix():
     assert "not valid UTF-8" in message
     assert "offset 12" in message and "0xb0" in message
     assert "iconv" in message and "UTF-8" in message
+    assert "rotation" not in message and "FINDINGS" not in message  # report text is PHI: never quoted
     with pytest.raises(DataError, match=r"^reports\.csv row 3 is not valid UTF-8"):
         decode_report_bytes(data, source="reports.csv row 3")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,24 @@ class Manifest:
         return len(self.records)
 
 
+# A spreadsheet opening a CSV runs a cell that starts with one of these as a formula (CSV injection): such text
+# cells are written with a leading ' (what spreadsheets show as text) and read back without it.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _escape_cell(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip("'").startswith(_FORMULA_START) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def _unescape_cell(value: str) -> str:
+    if value.startswith("'") and value.lstrip("'").startswith(_FORMULA_START):
+        return value[1:]
+    return value
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV or Parquet manifest into a DataFrame of strings, with a clear error if unreadable."""
     path = Path(path)
@@ -95,7 +114,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if suffix in (".csv", ".csv.gz", ".tsv"):
             sep = "\t" if suffix == ".tsv" else ","
             # keep_default_na=False so that an empty report stays "" and "NA" text is not turned into NaN
-            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+            table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+            return table.map(_unescape_cell)
     except UnicodeDecodeError as err:
         raise DataError(
             f"manifest {path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-save as UTF-8"
@@ -378,7 +398,7 @@ def write_manifest(records: Iterable[Record], path: str | Path, *, vocabulary: S
     if path.suffix.lower() in (".parquet", ".pq"):
         table.to_parquet(path, index=False)
     elif path.suffix.lower() == ".csv":
-        table.to_csv(path, index=False)
+        table.map(_escape_cell).to_csv(path, index=False)
     else:
         raise DataError(f"cannot write manifest {path}: use a .csv or .parquet suffix")
     return path

@@ -158,11 +158,14 @@ def decode_report_bytes(data: bytes | bytearray | memoryview, source: str = "rep
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        context = raw[max(0, err.start - 20) : err.end + 20].decode("utf-8", errors="replace")
+        # the offset, never the surrounding text: a report is patient data, and error messages end up in logs
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
         raise DataError(
-            f"{source} is not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {err.start} ({err.reason}) "
-            f"near {context!r}. Re-encode the text as UTF-8, e.g. `iconv -f WINDOWS-1252 -t UTF-8 in.txt > out.txt` "
-            f"(Windows-1252 / Latin-1 are the usual sources), or decode it yourself and pass a str"
+            f"{source} is not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {err.start} (line {line}, byte "
+            f"{column} of the line; {err.reason}). Re-encode the text as UTF-8, e.g. "
+            "`iconv -f WINDOWS-1252 -t UTF-8 in.txt > out.txt` (Windows-1252 / Latin-1 are the usual sources), or "
+            "decode it yourself and pass a str"
         ) from None
 
 
