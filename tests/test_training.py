@@ -180,6 +180,76 @@ def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(s
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+_KILL_SCRIPT = """
+import json, os, signal, sys
+
+import lightning as L
+
+from radalign.training.config import find_config, load_config
+from radalign.training.run import pretrain
+
+overrides, out, kill_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+
+class Kill(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == kill_at:  # after the step-`kill_at` checkpoint: no cleanup, no flush
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+pretrain(load_config(find_config("clip-tiny"), overrides), out, callbacks=[Kill()])
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "two-loader-workers"])
+def test_a_run_killed_at_any_step_resumes_bit_for_bit_with_dropout_and_augmentation(
+    simulated_manifest, tmp_path, workers
+):
+    """CLIP-tiny: the MiniLM's dropout draws from torch's global generator, as do the PRIOR preset's crops and the
+    sentence shuffle in-process (loader workers: per-item seeds); SIGKILL after checkpoints 2, 3 and 5 of 6 steps
+    (3 only with workers, which cost a process start each)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from radalign.training.run import pretrain
+
+    overrides = {
+        "loader.manifest": str(simulated_manifest), "loader.image_size": 32, "loader.batch_size": 4,
+        "loader.max_length": 32, "loader.preset": "prior", "loader.text_shuffle": True, "trainer.max_steps": 6,
+        "trainer.checkpoint_every_n_steps": 1, "trainer.progress": False, "model.text.freeze_layers": 4,
+        "loader.num_workers": workers,
+    }  # fmt: skip
+    straight = load_file(pretrain(load_config(find_config("clip-tiny"), overrides), tmp_path / "straight").export
+                         / "model.safetensors")  # fmt: skip
+    for kill_at in (2, 3, 5) if workers == 0 else (3,):
+        run = tmp_path / f"killed-at-{kill_at}"
+        killed = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(overrides), str(run), str(kill_at)],
+                                capture_output=True, text=True)  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert not (run / "export").exists()
+        resumed = load_file(pretrain(load_config(find_config("clip-tiny"), overrides), run).export
+                            / "model.safetensors")  # fmt: skip
+        assert resumed.keys() == straight.keys()
+        differing = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+        assert differing == [], f"killed at step {kill_at}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def test_a_training_item_is_augmented_from_its_own_seed(simulated_manifest):
+    from radalign.data.datamodule import DataConfig, RadDataModule
+
+    data = RadDataModule(DataConfig(manifest=str(simulated_manifest), image_size=32, preset="prior"))
+    data.setup("fit")
+    dataset = data.datasets["train"]
+    before = torch.get_rng_state()
+    a, b, c = dataset[0, 7], dataset[0, 7], dataset[0, 8]
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator (dropout's) is untouched
+    assert torch.equal(a["image"], b["image"]) and not torch.equal(a["image"], c["image"])
+
+
 class _RunsOnUnpickle:
     """Unpickling this calls open(marker, "w"): what a planted checkpoint could do with any callable."""
 

@@ -92,7 +92,7 @@ class RadDataModule(L.LightningDataModule):
         return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=c.batch_size if train else (c.eval_batch_size or c.batch_size),
-            sampler=EpochSampler(len(dataset), c.seed) if train else None,
+            sampler=EpochSampler(len(dataset), c.seed, per_item_seeds=c.num_workers > 0) if train else None,
             drop_last=train and len(dataset) >= c.batch_size,
             num_workers=c.num_workers,
             collate_fn=Collate(pad_token_id=pad),
@@ -112,16 +112,22 @@ class RadDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[int | tuple[int, int]]):
     """Shuffles with a permutation seeded by (seed, epoch), so the order of any epoch can be re-created.
 
     Lightning calls ``set_epoch`` at every epoch start (and wraps this sampler for DDP); ``skip`` drops the first
     samples of the next iteration, which is how a resumed run continues mid-epoch with the same data order.
+
+    With ``per_item_seeds`` it yields ``(index, sample_seed)`` and the dataset draws that item's augmentation from
+    ``sample_seed`` (a hash of seed, epoch and index): what keeps loader workers reproducible, since which worker
+    reads an item, and what that worker's generator drew before, changes after a resume. Without workers the items
+    are augmented in order in the main process from torch's global generator, whose state the checkpoint keeps.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, *, per_item_seeds: bool = False) -> None:
         self.size = size
         self.seed = seed
+        self.per_item_seeds = per_item_seeds
         self.epoch = 0
         self.skip = 0
 
@@ -132,10 +138,19 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        if not self.per_item_seeds:
+            return iter(order[skip:])
+        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in order[skip:]])
 
     def __len__(self) -> int:
         return self.size
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 64-bit seed for one item of one epoch (SeedSequence: nearby inputs give unrelated seeds)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
 
 
 class ResumableLoader(DataLoader):

@@ -75,7 +75,7 @@ class RadDataset(Dataset):
         """The record's image, from the prepared cache when present, else decoded from the source file."""
         index = 0
         if self.image_choice == "random" and len(record.image_paths) > 1:
-            # one image of a multi-image study per access (LoVT, PRIOR); torch's RNG is seeded per worker
+            # one image of a multi-image study per access (LoVT, PRIOR); in training torch's RNG is seeded per item
             index = int(torch.randint(len(record.image_paths), ()).item())
         if self.cache is not None:
             cached = self.cache.get(record, index)
@@ -93,10 +93,18 @@ class RadDataset(Dataset):
             raise DataError(f"record {record.id} has an empty report, and this dataset requires one")
         return report
 
-    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | Skipped:
+        """``dataset[index]``, or ``dataset[index, seed]`` (what the training sampler yields): every random draw of
+        the item (augmentation, image choice, sentence augmentation) then comes from ``seed`` and leaves torch's
+        global generator as it was."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
         try:
-            return self._item(record)
+            if seed is None:
+                return self._item(record)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._item(record)
         except (DataError, OSError) as err:
             if self.on_error == "fail":
                 raise DataError(f"record {record.id} (manifest index {index}): {err}") from err

@@ -29,7 +29,8 @@ Decisions:
   it off for grounding/localisation work, or when reports are matched sentence by sentence to regions.
 - **RNG**: every random draw comes from torch's global RNG (torchvision v2 draws from it; MONAI's numpy state
   is re-seeded from it on each call; the text augmentation uses it or a given ``torch.Generator``), so
-  ``torch.manual_seed`` and DataLoader worker seeding make augmentation reproducible.
+  ``torch.manual_seed`` makes augmentation reproducible; with loader workers the training dataset seeds it per
+  item (``EpochSampler``'s ``sample_seed``), inside a fork of the generator.
 
 **3D** (``build_volume_transform``): the returned callable is ``f(volume, spacing)`` with volume (1, X, Y, Z)
 in HU, RAS+ (``schema.py``), and spacing in mm per array axis: the spacing travels with the sample

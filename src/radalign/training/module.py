@@ -152,9 +152,44 @@ class PretrainModule(L.LightningModule):
         checkpoint["radalign"] = {
             "started_stages": sorted(self._started_stages),
             "optimizer_start_step": self._optimizer_start_step,
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("radalign", {})
         self._started_stages = set(state.get("started_stages", []))
         self._optimizer_start_step = int(state.get("optimizer_start_step", 0))
+        if "rng" in state:  # dropout and anything else on the global generators continues as if never stopped
+            set_rng_state(state["rng"])
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator's state, as tensors and plain values (what a weights-only load accepts)."""
+    import random
+
+    import numpy as np
+
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
