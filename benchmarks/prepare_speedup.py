@@ -10,6 +10,7 @@ Writes N synthetic radiographs as DICOM at a typical detector size (uncompressed
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -57,10 +58,13 @@ def main() -> None:
             decode = (time.perf_counter() - start) / len(records)
             prepare_cache(records, root / f"cache_{syntax[:4]}", settings, workers=1, progress=False)
             cache = PreparedCache(root / f"cache_{syntax[:4]}")
-            start = time.perf_counter()
-            for record in records:
-                assert cache.get(record) is not None
-            cached = (time.perf_counter() - start) / len(records)
+            passes = []
+            for _ in range(5):  # one pass of 24 sub-millisecond reads is at the mercy of the scheduler: median of 5
+                start = time.perf_counter()
+                for record in records:
+                    assert cache.get(record) is not None
+                passes.append((time.perf_counter() - start) / len(records))
+            cached = statistics.median(passes)
             rows.append((syntax, decode * 1000, cached * 1000, decode / cached))
     print(f"\n{args.n} radiographs of {args.pixels}x{args.pixels} px, cached with short side {args.size} px")
     print(f"| {'DICOM transfer syntax':<28} | decode+resize (ms) | cached read (ms) | speed-up |")

@@ -140,7 +140,8 @@ class EpochSampler(Sampler[int | tuple[int, int]]):
         skip, self.skip = self.skip, 0
         if not self.per_item_seeds:
             return iter(order[skip:])
-        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in order[skip:]])
+        epoch = self.epoch  # seeds drawn lazily: an epoch of a large archive would otherwise hash every index up front
+        return ((index, sample_seed(self.seed, epoch, index)) for index in order[skip:])
 
     def __len__(self) -> int:
         return self.size

@@ -115,7 +115,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
             sep = "\t" if suffix == ".tsv" else ","
             # keep_default_na=False so that an empty report stays "" and "NA" text is not turned into NaN
             table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
-            return table.map(_unescape_cell)
+            for column in table.columns:  # only the few quoted cells pay a Python call
+                quoted = table[column].str.startswith("'")
+                if quoted.any():
+                    table.loc[quoted, column] = table.loc[quoted, column].map(_unescape_cell)
+            return table
     except UnicodeDecodeError as err:
         raise DataError(
             f"manifest {path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-save as UTF-8"
