@@ -6,6 +6,7 @@ import itertools
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -292,7 +293,8 @@ def test_run_folder_holds_checkpoints_logs_and_export(simulated_manifest, tmp_pa
     from radalign.training.run import pretrain
 
     result = pretrain(toy_config(simulated_manifest), tmp_path / "run")
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert result.checkpoint == tmp_path / "run" / "checkpoints" / "step-00000006.ckpt"
+    assert result.checkpoint.with_name("step-00000006.ckpt.sha256").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
     metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "train/fit" in metrics
@@ -307,3 +309,158 @@ def test_trainer_flags_reach_lightning(simulated_manifest, tmp_path):
     assert trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 0.5
     assert trainer.max_steps == 6
     assert isinstance(TrainerConfig().precision, str)
+
+
+# -- checkpoints that survive (issue 14, defect 4) -------------------------------------------------------------------
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Killed
+
+
+def _export_weights(result):
+    from safetensors.torch import load_file
+
+    return load_file(result.export / "model.safetensors")
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture
+def straight_run(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    return _export_weights(pretrain(toy_config(simulated_manifest, checkpoint_every_n_steps=1), tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("damage", ["empty", "bit-flip", "no-checksum", "killed-mid-save"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    simulated_manifest, tmp_path, straight_run, damage, monkeypatch, caplog
+):
+    from radalign.training import checkpoints
+    from radalign.training.run import pretrain
+
+    run = tmp_path / "run"
+    config = toy_config(simulated_manifest, checkpoint_every_n_steps=1)
+    if damage == "killed-mid-save":
+        real = checkpoints.commit_checkpoint
+
+        def dies_at_step_4(written, final):
+            if final.name == "step-00000004.ckpt":
+                raise _Killed  # the file is fully written but neither checksummed nor renamed
+            real(written, final)
+
+        monkeypatch.setattr(checkpoints, "commit_checkpoint", dies_at_step_4)
+        with pytest.raises(_Killed):
+            pretrain(config, run)
+        monkeypatch.undo()
+        assert (run / "checkpoints" / ".step-00000004.ckpt.partial").is_file()
+    else:
+        with pytest.raises(_Killed):
+            pretrain(config, run, callbacks=[_KillAt(5)])
+        newest = run / "checkpoints" / "step-00000005.ckpt"
+        if damage == "empty":
+            newest.write_bytes(b"")
+        elif damage == "bit-flip":
+            data = bytearray(newest.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            newest.write_bytes(bytes(data))
+        else:
+            newest.with_name(newest.name + ".sha256").unlink()
+    caplog.set_level("INFO")
+    resumed = pretrain(config, run)
+    if damage != "killed-mid-save":
+        assert "resuming from the previous good checkpoint step-00000004.ckpt" in caplog.text
+        assert "step-00000005.ckpt is not used" in caplog.text
+    _assert_same_weights(straight_run, _export_weights(resumed))
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_file())
+    assert kept == ["step-00000005.ckpt", "step-00000005.ckpt.sha256", "step-00000006.ckpt", "step-00000006.ckpt.sha256"]
+
+
+def test_a_moved_run_folder_resumes_where_it_was_without_piling_up_copies(
+    simulated_manifest, tmp_path, straight_run
+):
+    import shutil
+
+    from radalign.training.run import pretrain
+
+    config = toy_config(simulated_manifest, checkpoint_every_n_steps=1)
+    with pytest.raises(_Killed):
+        pretrain(config, tmp_path / "first", callbacks=[_KillAt(3)])
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    result = pretrain(config, tmp_path / "moved")
+    assert result.steps == 6
+    _assert_same_weights(straight_run, _export_weights(result))
+    names = sorted(p.name for p in (tmp_path / "moved" / "checkpoints").glob("*.ckpt"))
+    assert names == ["step-00000005.ckpt", "step-00000006.ckpt"]
+
+
+def test_no_valid_checkpoint_starts_from_step_0_and_says_why(simulated_manifest, tmp_path, caplog):
+    from radalign.training.run import pretrain
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step-00000004.ckpt").write_bytes(b"")
+    caplog.set_level("INFO")
+    result = pretrain(toy_config(simulated_manifest), tmp_path / "run")
+    assert result.steps == 6
+    assert "no checkpoint verifies, starting from step 0" in caplog.text and "empty" in caplog.text
+
+
+def test_a_fresh_start_keeps_the_earlier_checkpoints_aside(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    run = tmp_path / "run"
+    pretrain(toy_config(simulated_manifest), run)
+    pretrain(toy_config(simulated_manifest), run, resume=False)
+    superseded = list((run / "checkpoints" / "superseded").glob("*/step-00000006.ckpt"))
+    assert len(superseded) == 1
+    assert (run / "checkpoints" / "step-00000006.ckpt").is_file()
+
+
+def test_resuming_with_a_changed_config_or_manifest_is_refused(simulated_manifest, tmp_path, caplog):
+    import shutil
+
+    from radalign.training.run import pretrain
+
+    run = tmp_path / "run"
+    config = toy_config(simulated_manifest)
+    with pytest.raises(_Killed):
+        pretrain(config, run, callbacks=[_KillAt(4)])
+    written = (run / "config.yaml").read_text()
+
+    changed = toy_config(simulated_manifest)
+    changed.optim.lr = 3e-2
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.01 -> 0\.03.*--allow-config-change"):
+        pretrain(changed, run)
+    assert (run / "config.yaml").read_text() == written  # the run's record still says what it trained with
+
+    longer = toy_config(simulated_manifest, max_steps=7)  # training longer is a continuation, not a change
+    # the same content under another name (a renamed or moved archive) is fine too; beside the original, as the
+    # manifest's image paths are relative to its folder
+    other = simulated_manifest.with_name(f"copy-{tmp_path.name}.csv")
+    shutil.copy(simulated_manifest, other)
+    try:
+        longer.loader.manifest = other
+        with pytest.raises(_Killed):
+            pretrain(longer, run, callbacks=[_KillAt(5)])
+        other.write_text(other.read_text().replace("train", "val", 1))
+        with pytest.raises(ConfigError, match=r"loader\.manifest \(its content\)"):
+            pretrain(longer, run)
+    finally:
+        other.unlink()
+
+    caplog.set_level("WARNING")
+    assert pretrain(changed, run, allow_config_change=True).steps == 6
+    assert "resuming" in caplog.text and "optim.lr" in caplog.text

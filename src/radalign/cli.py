@@ -180,6 +180,7 @@ def pretrain(
     out: Path,
     max_steps: int | None = None,
     resume: bool = True,
+    allow_config_change: bool = False,
     method: str = "clip",
     model: ModelConfig = ModelConfig(),  # noqa: B008 - jsonargparse reads defaults from the signature
     objectives: dict[str, dict[str, Any]] | None = None,
@@ -194,13 +195,16 @@ def pretrain(
         radalign pretrain --config configs/methods/clip-tiny.yaml --data sim/manifest.csv --out runs/clip
 
     Every config value can be overridden, e.g. --optim.lr 3e-4 --loader.batch_size 16 --trainer.devices 4.
-    Re-running the same command resumes from OUT/checkpoints/last.ckpt.
+    Re-running the same command resumes from the newest checkpoint in OUT/checkpoints/ that verifies.
 
     Args:
         data: Training manifest (.csv or .parquet); its train/val splits are used.
         out: Run folder: checkpoints/, logs/ (CSV, TensorBoard), export/ (safetensors + config.json).
         max_steps: Stop after this many optimiser steps (overrides trainer.max_steps).
-        resume: Continue from OUT/checkpoints/last.ckpt when it exists.
+        resume: Continue from the newest valid checkpoint in OUT/checkpoints/ (false: start afresh, earlier
+            checkpoints moved to OUT/checkpoints/superseded/).
+        allow_config_change: Resume even though the config or the manifest's content differs from the run's
+            (refused otherwise: the run would mix two settings under one name).
         method: Registered method name (clip, convirt, gloria, mgca, lovt, prior).
         model: Encoders, projection and embedding size.
         objectives: Per-objective settings and weights, e.g. {global: {weight: 1.0, temperature: 0.07}}.
@@ -228,7 +232,7 @@ def pretrain(
         loader=loader,
         trainer=trainer,
     )
-    run_pretrain(config, out, resume=resume)
+    run_pretrain(config, out, resume=resume, allow_config_change=allow_config_change)
 
 
 def evaluate(

@@ -132,6 +132,26 @@ class PretrainConfig:
         return _plain(dataclasses.asdict(self))
 
 
+# Keys a resume may change: how long to train, how often to log or save, and how the data are read, none of which
+# changes what a given step computes. The manifest's path may change (a moved archive) when its content has not.
+RESUMABLE_CHANGES = frozenset({
+    "trainer.max_steps", "trainer.max_epochs", "trainer.progress", "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps", "loader.manifest", "loader.cache_dir", "loader.eval_batch_size",
+})  # fmt: skip
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (before, after) for every value that differs between two ``to_dict()`` trees."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.update(config_changes(old, new, f"{prefix}{key}."))
+        elif _plain(old) != _plain(new):
+            changes[f"{prefix}{key}"] = (old, new)
+    return changes
+
+
 def stage_started(stage: StageConfig, step: int, epoch: int, max_steps: int = -1) -> bool:
     if stage.start_step is not None and step >= stage.start_step:
         return True

@@ -31,10 +31,11 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str, min
 
 
 class PretrainModule(L.LightningModule):
-    def __init__(self, config: PretrainConfig, method: Method) -> None:
+    def __init__(self, config: PretrainConfig, method: Method, manifest_sha256: str | None = None) -> None:
         super().__init__()
         self.config = config
         self.method = method
+        self.manifest_sha256 = manifest_sha256  # saved with each checkpoint: a resume must read the same data
         self.save_hyperparameters({"config": config.to_dict()})
         self._started_stages: set[int] = set()
         self._optimizer_start_step = 0
@@ -153,6 +154,7 @@ class PretrainModule(L.LightningModule):
             "started_stages": sorted(self._started_stages),
             "optimizer_start_step": self._optimizer_start_step,
             "rng": rng_state(),
+            "manifest_sha256": self.manifest_sha256,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ The run folder holds everything a run produces:
 
     out/
       config.yaml            the resolved config (every default filled in)
-      checkpoints/last.ckpt  Lightning checkpoints: a re-run of the same command resumes from last.ckpt
+      checkpoints/           step-N.ckpt + step-N.ckpt.sha256, the newest two: a re-run of the same command resumes
+                             from the newest one that verifies (training/checkpoints.py)
       logs/version_N/        metrics.csv (CSV logger) and TensorBoard events, one folder per invocation
       export/                model.safetensors + config.json (+ tokenizer/): ``radalign.load(out / "export")``
 """
@@ -22,9 +23,10 @@ import lightning as L
 import torch
 
 from radalign.data.datamodule import RadDataModule, SkippedSamplesCallback
-from radalign.errors import ConfigError
+from radalign.errors import ConfigError, DataError
 from radalign.methods.registry import build_method
-from radalign.training.config import PretrainConfig, resolve_precision
+from radalign.training.checkpoints import RunCheckpoints, resumable_checkpoint, set_aside, sha256_of
+from radalign.training.config import RESUMABLE_CHANGES, PretrainConfig, config_changes, resolve_precision
 from radalign.training.export import export
 from radalign.training.module import PretrainModule
 from radalign.utils.logging import get_logger
@@ -129,18 +131,13 @@ def _quiet_lightning(config: PretrainConfig) -> None:
 
 
 def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = config.trainer
     # every invocation (a first run, each resume) logs into its own version folder: nothing is overwritten
     version = f"version_{len(list((out / 'logs').glob('version_*')))}"
-    checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=max(1, t.checkpoint_every_n_steps),
-    )
+    checkpoint = RunCheckpoints(out / "checkpoints", t.checkpoint_every_n_steps)
     all_callbacks: list[L.Callback] = [checkpoint, SkippedSamplesCallback(config.loader.max_skip_fraction)]
     if t.progress:
         all_callbacks.append(_progress_bar())
@@ -163,9 +160,49 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback]
         deterministic=t.deterministic,
         enable_progress_bar=t.progress,
         enable_model_summary=False,
+        enable_checkpointing=False,  # RunCheckpoints saves; Lightning's own saver would add a second, unchecked copy
         logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
         callbacks=all_callbacks,
         num_sanity_val_steps=0,
+    )
+
+
+def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The run config and data digest a checkpoint was written with, read without unpickling any object."""
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code. mmap: the
+        # tensors stay on disk, only the small dictionaries are read.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"refused to resume from {path}: it holds objects other than tensors and plain values, and loading "
+            f"them could run code ({str(err).splitlines()[0]}). If you wrote it yourself, move it away to start "
+            "afresh; never resume from a checkpoint of unknown origin"
+        ) from err
+    return {
+        "config": (state.get("hyper_parameters") or {}).get("config"),
+        "manifest_sha256": (state.get("radalign") or {}).get("manifest_sha256"),
+    }
+
+
+def _check_resumable(path: Path, config: PretrainConfig, manifest_sha256: str, allow_changes: bool) -> None:
+    """A resume must continue the run that wrote the checkpoint: the same config (bar RESUMABLE_CHANGES) and the
+    same manifest content. Otherwise config.yaml and the export would claim values the early steps never used."""
+    meta = _read_checkpoint_meta(path)
+    changes = config_changes(meta["config"], config.to_dict()) if meta["config"] is not None else {}
+    changes = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    if meta["manifest_sha256"] not in (None, manifest_sha256):
+        changes["loader.manifest (its content)"] = (f"sha256 {meta['manifest_sha256'][:12]}…", f"sha256 {manifest_sha256[:12]}…")
+    if not changes:
+        return
+    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if allow_changes:
+        get_logger().warning(f"resuming {path} with changed settings, as asked: {listed}")
+        return
+    raise ConfigError(
+        f"refused to resume from {path}: this command changes what the run trains with ({listed}). Run with the "
+        "settings the run started with (its config.yaml), write to a new --out folder, or pass "
+        "--allow-config-change to continue with the new values deliberately"
     )
 
 
@@ -174,39 +211,39 @@ def pretrain(
     out: str | Path,
     *,
     resume: bool = True,
+    allow_config_change: bool = False,
     callbacks: list[L.Callback] | None = None,
 ) -> RunResult:
-    """Pre-train ``config.method`` on ``config.loader.manifest``; resumes from ``out/checkpoints/last.ckpt``."""
+    """Pre-train ``config.method`` on ``config.loader.manifest``; resumes from the newest valid checkpoint in
+    ``out/checkpoints/`` (``resume=False`` moves earlier checkpoints to ``checkpoints/superseded/`` instead)."""
     import yaml
 
     out = Path(out)
     if config.loader.manifest is None:
         raise ConfigError("no training data: set loader.manifest (CLI: --data MANIFEST)")
+    manifest = Path(config.loader.manifest)
+    if not manifest.is_file():
+        raise DataError(f"manifest {manifest} does not exist; pass the path of a .csv or .parquet manifest")
+    manifest_sha256 = sha256_of(manifest)
+    folder = out / "checkpoints"
+    log = get_logger()
+    ckpt_path = resumable_checkpoint(folder) if resume else None
+    if ckpt_path is not None:
+        _check_resumable(ckpt_path, config, manifest_sha256, allow_config_change)
+        log.info(f"resuming from {ckpt_path}")
+    elif not resume:
+        set_aside(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     _quiet_lightning(config)
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
-    module = PretrainModule(config, method)
+    module = PretrainModule(config, method, manifest_sha256=manifest_sha256)
     trainer = build_trainer(config, out, callbacks)
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = last if resume and last.is_file() else None
-    log = get_logger()
-    if ckpt_path is not None:
-        log.info(f"resuming from {ckpt_path}")
-    try:
-        # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if ckpt_path is None:
-            raise
-        raise ConfigError(
-            f"refused to resume from {ckpt_path}: it holds objects other than tensors and plain values, and loading "
-            f"them could run code ({str(err).splitlines()[0]}). If you wrote it yourself, move it away to start "
-            "afresh; never resume from a checkpoint of unknown origin"
-        ) from err
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     export_dir = export(method, config, out / "export", tokenizer=data.tokenizer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info(f"run {out}: {trainer.global_step} steps; export in {export_dir}")
-    return RunResult(out, export_dir, last if last.is_file() else None, trainer.global_step, metrics)
+    newest = next((c.newest for c in trainer.callbacks if isinstance(c, RunCheckpoints)), None)  # type: ignore[attr-defined]
+    return RunResult(out, export_dir, newest, trainer.global_step, metrics)
