@@ -385,12 +385,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
         assert "step-00000005.ckpt is not used" in caplog.text
     _assert_same_weights(straight_run, _export_weights(resumed))
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_file())
-    assert kept == ["step-00000005.ckpt", "step-00000005.ckpt.sha256", "step-00000006.ckpt", "step-00000006.ckpt.sha256"]
+    assert kept == [
+        "step-00000005.ckpt",
+        "step-00000005.ckpt.sha256",
+        "step-00000006.ckpt",
+        "step-00000006.ckpt.sha256",
+    ]
 
 
-def test_a_moved_run_folder_resumes_where_it_was_without_piling_up_copies(
-    simulated_manifest, tmp_path, straight_run
-):
+def test_a_moved_run_folder_resumes_where_it_was_without_piling_up_copies(simulated_manifest, tmp_path, straight_run):
     import shutil
 
     from radalign.training.run import pretrain

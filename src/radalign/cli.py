@@ -29,6 +29,7 @@ def data_check(
     decode: bool = True,
     on_error: Literal["skip", "fail"] = "skip",
     json_out: Path | None = None,
+    data_root: Path | None = None,
 ) -> None:
     """Validate a manifest and print a dataset summary (counts, label prevalence, report lengths, problems).
 
@@ -38,13 +39,19 @@ def data_check(
         decode: Decode every image (slow on large data; false checks only that files exist).
         on_error: 'skip' lists every bad row and summarises the rest; 'fail' stops at the first bad row.
         json_out: Also write the summary as JSON to this file.
+        data_root: Files the manifest names must lie under this folder (default: the manifest's folder).
+
+    Exit status: 0 every row is good, 1 bad rows were found (listed), 2 the manifest or an argument is unusable
+    (the message says why), 3 radalign itself failed (a bug: please report the traceback).
     """
     import json
 
     from radalign.data.manifest import load_manifest
     from radalign.data.summary import print_summary, summarize
 
-    loaded = load_manifest(manifest, require_report=require_report, decode=decode, on_error=on_error, progress=True)
+    loaded = load_manifest(
+        manifest, require_report=require_report, decode=decode, on_error=on_error, progress=True, data_root=data_root
+    )
     summary = summarize(loaded)
     print_summary(loaded, summary)
     if json_out is not None:
@@ -60,6 +67,7 @@ def prepare(
     size: int = 256,
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5),
     workers: int | None = None,
+    data_root: Path | None = None,
 ) -> None:
     """Decode every image of a manifest once and cache it at training resolution (see docs/data.md).
 
@@ -69,12 +77,13 @@ def prepare(
         size: 2D images: short side in pixels after resizing (aspect kept).
         spacing_mm: 3D volumes: voxel spacing after resampling, in mm.
         workers: Decoding processes (default: up to 4).
+        data_root: Files the manifest names must lie under this folder (default: the manifest's folder).
     """
     from radalign.data.cache import CacheSettings, prepare_cache
     from radalign.data.manifest import load_manifest
     from radalign.utils.logging import get_logger
 
-    manifest = load_manifest(data, on_error="skip")
+    manifest = load_manifest(data, on_error="skip", data_root=data_root)
     report = prepare_cache(manifest.records, out, CacheSettings(size, spacing_mm), workers=workers)
     log = get_logger()
     log.info(
@@ -245,6 +254,7 @@ def evaluate(
     tasks: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
     device: str = "cpu",
+    data_root: Path | None = None,
 ) -> None:
     """Evaluate a pre-trained model under a named protocol; writes OUT/results.json and OUT/report.md.
 
@@ -259,8 +269,12 @@ def evaluate(
         tasks: Run only these tasks of the protocol, e.g. [zero_shot, retrieval].
         overrides: Protocol overrides by dotted key, e.g. '{"seeds": [0], "tasks.linear_probe.epochs": 5}'.
         device: cpu, cuda or cuda:N.
+        data_root: Files the manifest names must lie under this folder (default: the manifest's folder).
     """
     from radalign.evaluation.run import evaluate as run_evaluate
+
+    if data_root is not None:
+        overrides = {**(overrides or {}), "data_root": str(data_root)}
 
     run_evaluate(model, protocol, out, data=data, cache_dir=cache, overrides=overrides, tasks=tasks, device=device)
 
@@ -331,12 +345,28 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("--version", "-V"):
         print(f"radalign {__version__}")
         return
+    # Exit status: 0 done, 1 a check found problems (data check), 2 unusable input or environment (the message says
+    # what to do), 3 radalign itself failed (a bug: the traceback is for the report), 130 interrupted.
     try:
         auto_cli(commands, args=[_underscored(arg) for arg in argv], as_positional=True)
     except RadalignError as err:
         # A user-facing problem: the message says what and how to fix it; a traceback would only bury it.
         print(f"radalign: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a read-only or full output folder, a file vanished: the machine's state, not a bug
+        where = f": {err.filename}" if err.filename else ""
+        advice = "check that the path exists, is writable and has free space, then re-run (pre-training resumes)"
+        print(f"radalign: error: {err.strerror or err}{where}; {advice}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("radalign: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"radalign: internal error (radalign {__version__}); please report the traceback above", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

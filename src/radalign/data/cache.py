@@ -18,7 +18,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from radalign.data.schema import Image, Modality, Record
 from radalign.errors import DataError
 
 INDEX_FILE = "index.json"
+SAVE_EVERY_S = 30.0  # `prepare` saves its index this often, so a crash keeps the decoded work
 # 2: collision-free file names and per-entry checksums (1 let ids like pat/1 and pat_1 share one file)
 FORMAT_VERSION = 2
 
@@ -98,14 +99,14 @@ def _checksum(array: np.ndarray) -> str:
 
 
 def _prepare_one(
-    args: tuple[str, int, str, CacheSettings, str],
+    args: tuple[str, int, str, str, CacheSettings, str],
 ) -> tuple[str, dict[str, Any] | None, str | None]:
-    record_id, index, source, settings, root = args
+    record_id, index, source, declared, settings, root = args
     from radalign.data.io import read_image
 
     key = f"{record_id}#{index}"
     try:
-        image = resize_image(read_image(Path(source)), settings)
+        image = resize_image(read_image(Path(source), expect=declared), settings)
         array = image.array
         if image.intensity == "hu":
             array = np.clip(np.rint(array), -32768, 32767)
@@ -121,11 +122,12 @@ def _prepare_one(
             "source": _source_key(Path(source)),
             "spacing": list(image.spacing),
             "modality": image.modality.value,
+            "declared": declared,
             "intensity": image.intensity,
             "orientation": image.orientation,
         }
         return key, entry, None
-    except (DataError, OSError) as err:
+    except (DataError, OSError, MemoryError) as err:  # MemoryError: an image too large for this machine
         return key, None, str(err)
 
 
@@ -175,6 +177,9 @@ class PreparedCache:
                 self.stale += 1  # the source changed after `prepare`: decode it again rather than serve old pixels
                 return None
         except OSError:
+            return None
+        if entry.get("declared") != record.modality.value:
+            self.stale += 1  # the row's modality changed since `prepare`: decode (and check) it afresh
             return None
         expected = _entry_name(record.id, index, source)
         if (entry["id"], entry["index"]) != (record.id, index) or entry["file"] != expected:
@@ -228,25 +233,26 @@ def prepare_cache(
                 and path.exists()
                 and _source_key(path) == entry["source"]
                 and entry["file"] == _entry_name(record.id, i, path)
+                and entry.get("declared") == record.modality.value
                 and (root / "images" / entry["file"]).is_file()
             ):
                 report.reused += 1
                 continue
-            todo.append((record.id, i, str(path), settings, str(root)))
+            todo.append((record.id, i, str(path), record.modality.value, settings, str(root)))
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    results = _run(todo, workers, progress)
-    for key, entry, error in results:
+    saved = time.perf_counter()
+    for done, (key, entry, error) in enumerate(_run(todo, workers, progress), start=1):
         if entry is not None:
             entries[key] = entry
             report.written += 1
         else:
             entries.pop(key, None)
             report.failed[key] = error or "unknown error"
-    # Written last and atomically, so an interrupted run leaves the previous index valid (and resumable).
-    tmp = index_path.with_suffix(".tmp")
-    payload = {"version": FORMAT_VERSION, "settings": _settings_json(settings), "entries": entries}
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    tmp.replace(index_path)
+        if time.perf_counter() - saved > SAVE_EVERY_S and done < len(todo):
+            # a crash or kill loses at most this much decoding: the next run reuses what the index lists
+            _write_index(index_path, settings, entries)
+            saved = time.perf_counter()
+    _write_index(index_path, settings, entries)
     # files no entry names (an older format's names, failed re-decodes) would only cost disk
     named = {entry["file"] for entry in entries.values()}
     for orphan in (root / "images").glob("*.npy"):
@@ -256,21 +262,30 @@ def prepare_cache(
     return report
 
 
+def _write_index(index_path: Path, settings: CacheSettings, entries: dict[str, dict[str, Any]]) -> None:
+    # atomically: an interrupted write leaves the previous index valid
+    tmp = index_path.with_suffix(".tmp")
+    payload = {"version": FORMAT_VERSION, "settings": _settings_json(settings), "entries": entries}
+    tmp.write_text(json.dumps(payload), encoding="utf-8")
+    tmp.replace(index_path)
+
+
 def _settings_json(settings: CacheSettings) -> dict[str, Any]:
     data = asdict(settings)
     data["spacing_mm"] = list(data["spacing_mm"])
     return data
 
 
-def _run(todo: list[tuple], workers: int, progress: bool) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+def _run(todo: list[tuple], workers: int, progress: bool) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """Results as they come (in ``todo`` order), so the caller can save progress while decoding goes on."""
     if not todo:
-        return []
+        return
     if workers <= 1:
-        iterator = map(_prepare_one, todo)
-        return list(_track(iterator, len(todo), progress))
+        yield from _track(map(_prepare_one, todo), len(todo), progress)
+        return
     # torch threads inside each worker would oversubscribe the cores
     with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(_track(pool.map(_prepare_one, todo, chunksize=8), len(todo), progress))
+        yield from _track(pool.map(_prepare_one, todo, chunksize=8), len(todo), progress)
 
 
 def _track(iterator: Any, total: int, enabled: bool) -> Any:

@@ -14,6 +14,7 @@ class DataConfig:
     """Everything that turns a manifest into batches. Every field is a config key (``data.<field>``)."""
 
     manifest: Path | None = None
+    data_root: Path | None = None  # every file the manifest names must lie under it (default: the manifest's folder)
     cache_dir: Path | None = None  # made by `radalign prepare`; decoded on the fly when absent
     modality: Literal["xray", "ct"] = "xray"  # records of other modalities are left out
     tokenizer: str | None = "minilm"  # a local folder, "minilm" (bundled), a hub name, or None (no text)

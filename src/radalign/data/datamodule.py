@@ -57,7 +57,11 @@ class RadDataModule(L.LightningDataModule):
             return
         c = self.config
         # File existence is checked here (cheap); decoding problems surface per item and are skipped/counted.
-        self.manifest = load_manifest(c.manifest, require_report=c.require_report, on_error=c.on_error)
+        self.manifest = load_manifest(
+            c.manifest, require_report=c.require_report, on_error=c.on_error, data_root=c.data_root
+        )
+        if self.manifest.problems:
+            self._log_problems()
         vocabulary = c.vocabulary or self.manifest.vocabulary
         cache = PreparedCache(c.cache_dir) if c.cache_dir is not None else None
         wanted = Modality.parse(c.modality)
@@ -83,6 +87,20 @@ class RadDataModule(L.LightningDataModule):
                 f"manifest {c.manifest} has no usable '{c.modality}' records in the train split "
                 f"({len(self.manifest.records)} records in all, {len(self.manifest.problems)} skipped as bad)"
             )
+
+    def _log_problems(self, shown: int = 10) -> None:
+        from radalign.data.manifest import problem_counts
+        from radalign.utils.logging import get_logger
+
+        assert self.manifest is not None
+        problems = self.manifest.problems
+        kinds = ", ".join(f"{count} {kind}" for kind, count in problem_counts(problems).most_common())
+        lines = "\n  ".join(str(p) for p in problems[:shown])
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        get_logger().warning(
+            f"manifest {self.config.manifest}: {len(problems)} rows left out as bad ({kinds}); "
+            f"`radalign data check {self.config.manifest}` lists them all:\n  {lines}{more}"
+        )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         c = self.config

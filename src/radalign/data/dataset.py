@@ -83,7 +83,7 @@ class RadDataset(Dataset):
                 return cached
         from radalign.data.io import read_image
 
-        return read_image(record.image_paths[index])
+        return read_image(record.image_paths[index], expect=record.modality)
 
     def load_report(self, record: Record) -> Report | None:
         from radalign.data.reports import parse_report
@@ -105,7 +105,7 @@ class RadDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 return self._item(record)
-        except (DataError, OSError) as err:
+        except (DataError, OSError, MemoryError) as err:  # MemoryError: an image too large for this machine
             if self.on_error == "fail":
                 raise DataError(f"record {record.id} (manifest index {index}): {err}") from err
             return Skipped(record.id, str(err))

@@ -19,6 +19,7 @@ none of these ever appear in a log or an error message (series are told apart by
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ LUMA = np.array([0.299, 0.587, 0.114])  # BT.601, the weights DICOM's YBR_FULL u
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
+# The decode limit (environment variable RADALIGN_MAX_PIXELS): 2**29 pixels is a 2 GiB float32 image, over 50 times
+# a large radiograph (3000 x 3000) and twice a thin-slice CT (512 x 512 x 1000).
+DEFAULT_MAX_PIXELS = 2**29
+
+
 def data_error(path: Path | str, problem: str, fix: str) -> DataError:
     """The one message shape of every I/O error: which file, what is wrong, what to do (shared with io.py)."""
     return DataError(f"{path}: {problem}; {fix}")
@@ -63,8 +69,44 @@ def checked_array(array: np.ndarray, path: Path | str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def canonical_volume(array: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+def _max_pixels() -> int:
+    value = os.environ.get("RADALIGN_MAX_PIXELS", "")
+    try:
+        return int(float(value)) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise DataError(f"RADALIGN_MAX_PIXELS={value!r} is not a number; give a pixel count such as 1e9") from None
+
+
+def check_decoded_size(path: Path | str, shape: tuple[int, ...]) -> None:
+    """Refuse an image whose header promises more pixels than ``RADALIGN_MAX_PIXELS`` *before* decoding it, so
+    a decompression bomb (a tiny file that decodes to gigabytes) is one skipped record, not a dead run."""
+    pixels = int(np.prod([int(n) for n in shape], dtype=np.float64))
+    limit = _max_pixels()
+    if pixels > limit:
+        raise data_error(
+            path,
+            f"its header declares {' x '.join(str(int(n)) for n in shape)} = {pixels:,} pixels, over the decode limit "
+            f"of {limit:,}",
+            "if the image is genuine, raise the limit with the environment variable RADALIGN_MAX_PIXELS",
+        )
+
+
+def canonical_volume(
+    array: np.ndarray, affine_ras: np.ndarray, path: Path | str = "<volume>"
+) -> tuple[np.ndarray, tuple[float, ...]]:
     """Reorient an (i, j, k) array with a RAS affine to the closest RAS+ axes; spacing in mm per new axis."""
+    axes = np.asarray(affine_ras, dtype=np.float64)[:3, :3]
+    if not np.isfinite(axes).all():
+        raise data_error(path, "its voxel-to-world affine holds NaN or infinite values", "re-export the volume")
+    singular = np.linalg.svd(axes, compute_uv=False)
+    if singular[-1] <= 1e-6 * max(singular[0], 1e-12):
+        # a zero or rank-deficient affine has no orientation, and its "spacing" (e.g. sqrt(2)) means nothing
+        raise data_error(
+            path,
+            f"its voxel-to-world affine is degenerate (axes {np.round(axes, 4).tolist()}): two axes coincide or one "
+            "is zero, so orientation and spacing are unknown",
+            "fix the header (NIfTI sform/qform, or the DICOM orientation and positions) and re-export",
+        )
     image = nib.as_closest_canonical(nib.Nifti1Image(array, affine_ras))
     spacing = tuple(float(s) for s in nib.affines.voxel_sizes(image.affine))
     return np.ascontiguousarray(np.asanyarray(image.dataobj), dtype=np.float32), spacing
@@ -113,6 +155,9 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         )
     if ds.get("Rows") == 0 or ds.get("Columns") == 0:
         raise data_error(path, "the image is empty (0 rows or columns)", "re-export the image")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    expected = (frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), int(ds.get("SamplesPerPixel") or 1))
+    check_decoded_size(path, expected)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise data_error(path, "the DICOM file meta header has no Transfer Syntax UID", "re-export the file")
@@ -135,6 +180,8 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
                 f"the pixel data is compressed as {syntax.name} and no decoder for it is installed",
                 f"install one of: {'; '.join(decoder.missing_dependencies)}",
             )
+    if syntax in J2K_SYNTAXES:
+        _check_j2k_frames(ds, frames, path)
     try:
         array = np.asarray(ds.pixel_array)
     except Exception as err:  # decoder messages describe the pixel stream only, never tag values
@@ -146,11 +193,67 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         ) from err
     if array.size == 0:
         raise data_error(path, f"the image is empty (shape {array.shape})", "re-export the image")
+    if array.size != int(np.prod(expected)):
+        raise data_error(
+            path,
+            f"the pixel data decoded to shape {array.shape}, and its header declares {frames} frame(s) of "
+            f"{expected[1]} x {expected[2]} x {expected[3]}",
+            "the file is probably truncated or corrupt; re-export it from the source",
+        )
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
         array = apply_color_lut(array, ds)
     if int(ds.get("NumberOfFrames") or 1) == 1:
         array = array[None]
     return array if array.ndim == 4 else array[..., None]
+
+
+J2K_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossless only), JPEG 2000
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
+})  # fmt: skip
+
+
+def _j2k_codestream_problem(frame: bytes) -> str | None:
+    """What is structurally wrong with one JPEG 2000 codestream, or None. Decoders accept a stream whose
+    tile-parts are cut or whose end is overwritten and return plausible-looking garbage; the markers say so."""
+    start = frame.find(b"\xff\x4f\xff\x51")  # SOC + SIZ (after a JP2 box header, if any)
+    if start < 0:
+        return "it has no JPEG 2000 start-of-codestream marker"
+    end = len(frame.rstrip(b"\x00"))  # DICOM pads fragments to an even length
+    if frame[end - 2 : end] != b"\xff\xd9":
+        return "it does not end with the end-of-codestream marker (cut short or overwritten)"
+    position = frame.find(b"\xff\x90", start)  # the first tile-part (SOT); each says how long it is
+    while 0 <= position < end - 2:
+        if frame[position : position + 2] != b"\xff\x90" or position + 10 > end:
+            return f"a tile-part at byte {position} is missing or cut"
+        length = int.from_bytes(frame[position + 6 : position + 10], "big")
+        if length == 0:  # "until the end of the codestream": allowed for the last tile-part only
+            return None
+        position += length
+    if position != end - 2:
+        return f"its tile-parts end at byte {position}, not at the end-of-codestream marker (byte {end - 2})"
+    return None
+
+
+def _check_j2k_frames(ds: Dataset, frames: int, path: Path) -> None:
+    from pydicom.encaps import generate_frames
+
+    try:
+        encoded = list(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as err:  # pydicom's encapsulation parser raises several kinds on a cut item
+        raise data_error(
+            path, f"its encapsulated pixel data cannot be split into frames ({type(err).__name__})", "re-export it"
+        ) from err
+    if len(encoded) < frames:
+        raise data_error(path, f"it declares {frames} frames and holds {len(encoded)}", "re-export it")
+    for index, frame in enumerate(encoded[:frames]):
+        problem = _j2k_codestream_problem(frame)
+        if problem:
+            raise data_error(
+                path,
+                f"the JPEG 2000 stream of frame {index + 1} is damaged: {problem}",
+                "the file is probably truncated or corrupt; re-export it from the source",
+            )
 
 
 def _group_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
@@ -288,7 +391,7 @@ def _volume(
     affine[:3, 2] = normal * gap
     affine[:3, 3] = positions[order[0]] if known else 0.0
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM LPS -> RAS
-    array, spacing = canonical_volume(stack, affine)
+    array, spacing = canonical_volume(stack, affine, where)
     return array, spacing, known
 
 

@@ -13,6 +13,7 @@ PNG/JPEG/TIFF headers describe printing, not the patient, so they are ignored.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from radalign.data.dicom import (
     LUMA,
     SAFE_TAGS,
     canonical_volume,
+    check_decoded_size,
     checked_array,
     data_error,
     read_dicom,
@@ -88,19 +90,49 @@ def _require_file(path: Path) -> None:
         raise data_error(path, "is not a file", "give the path of an image file (a folder is read as a DICOM series)")
 
 
-def read_image(path: Path | str, **kw: Any) -> Image:
-    """Any supported image (file or DICOM series folder) -> Image; ``kw`` goes to the chosen reader."""
+def read_image(path: Path | str, *, expect: Modality | str | None = None, **kw: Any) -> Image:
+    """Any supported image (file or DICOM series folder) -> Image; ``kw`` goes to the chosen reader.
+
+    ``expect`` is the modality a manifest row declares: a file that holds something else (a CT DICOM in an
+    ``xray`` row, a 2D PNG in a ``ct`` row) is refused, since training on it would silently mix HU with [0, 1]."""
     path = Path(path)
+    image, kind = _read_any(path, **kw)
+    if expect is not None:
+        # only DICOM says what it holds; a raster's or NIfTI's modality is the reader's default, not the file's
+        check_modality(image, Modality.parse(expect), path, tagged=kind == "dicom")
+    return image
+
+
+def check_modality(image: Image, declared: Modality, path: Path, *, tagged: bool) -> None:
+    """Refuse a file whose DICOM Modality tag (``tagged``) or dimensions contradict the declared modality."""
+    if tagged and image.modality not in (Modality.OTHER, declared):
+        raise data_error(
+            path,
+            f"the manifest row says {declared.value}, and the file's DICOM Modality tag says {image.modality.value}",
+            f"correct the row's modality, or point it at the {declared.value} image",
+        )
+    dims = {Modality.XRAY: 2, Modality.CT: 3, Modality.MR: 3}.get(declared)
+    if dims is not None and image.array.ndim != dims:
+        raise data_error(
+            path,
+            f"the manifest row says {declared.value}, which radalign reads as one {dims}D image, and the file holds "
+            f"a {image.array.ndim}D image of shape {tuple(image.array.shape)}",
+            "correct the row's modality, or point it at a "
+            + ("single radiograph" if dims == 2 else "volume (a NIfTI file or a folder of DICOM slices)"),
+        )
+
+
+def _read_any(path: Path, **kw: Any) -> tuple[Image, str]:
     if path.is_dir():
-        return read_dicom_series(path, **kw)
+        return read_dicom_series(path, **kw), "dicom"
     _require_file(path)
     kind = _sniff(path) or SUFFIX_KINDS.get(_suffix(path))
     if kind == "dicom":
-        return read_dicom(path, **kw)
+        return read_dicom(path, **kw), kind
     if kind == "raster":
-        return read_raster(path, **kw)
+        return read_raster(path, **kw), kind
     if kind == "nifti":
-        return read_nifti(path, **kw)
+        return read_nifti(path, **kw), kind
     raise data_error(
         path,
         f"unsupported file type (suffix {_suffix(path) or 'none'!r}, no known magic bytes)",
@@ -138,13 +170,23 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, int, tuple[float, float]]:
     from PIL import UnidentifiedImageError
 
     try:
-        with PILImage.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 M pixels and refuses twice that (caught below); our limit is checked on the
+            # header before any pixel is decoded
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            img = PILImage.open(path)
+        with img:
+            check_decoded_size(path, (img.size[1], img.size[0], len(img.getbands())))
             img.load()
             text = dict(getattr(img, "text", {}) or {})
             if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 img = img.convert("RGB")
             bits = 16 if img.mode.startswith("I") else 8
             array = np.asarray(img)
+    except PILImage.DecompressionBombError as err:
+        raise data_error(path, f"Pillow refuses to decode it: {err}", "save images this large as TIFF or DICOM") from (
+            err
+        )
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise data_error(
             path, f"not a readable PNG/JPEG image, corrupt or truncated ({type(err).__name__})", "re-export it"
@@ -166,6 +208,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             bits = int(series.keyframe.bitspersample)
+            check_decoded_size(path, series.shape)
             array = series.asarray()
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as err:
         raise data_error(
@@ -194,6 +237,7 @@ def read_nifti(path: Path | str, *, modality: Modality | str = Modality.CT, inte
     try:
         img = nib.load(path)
         shape = tuple(int(n) for n in img.shape)
+        check_decoded_size(path, shape)
         if len(shape) > 3 and int(np.prod(shape[3:])) != 1:
             raise data_error(
                 path,
@@ -208,7 +252,7 @@ def read_nifti(path: Path | str, *, modality: Modality | str = Modality.CT, inte
         raise data_error(
             path, f"not a readable NIfTI file, corrupt or truncated ({type(err).__name__})", "re-export it"
         ) from err
-    array, spacing = canonical_volume(checked_array(data, path), affine)
+    array, spacing = canonical_volume(checked_array(data, path), affine, path)
     return Image(array, spacing, Modality.parse(modality), intensity, "RAS")
 
 

@@ -115,11 +115,15 @@ def read_table(path: str | Path) -> pd.DataFrame:
             sep = "\t" if suffix == ".tsv" else ","
             # keep_default_na=False so that an empty report stays "" and "NA" text is not turned into NaN
             table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+            if suffix != ".csv.gz":
+                _refuse_cut_file(path, sep, len(table.columns))
             for column in table.columns:  # only the few quoted cells pay a Python call
                 quoted = table[column].str.startswith("'")
                 if quoted.any():
                     table.loc[quoted, column] = table.loc[quoted, column].map(_unescape_cell)
             return table
+    except DataError:
+        raise
     except UnicodeDecodeError as err:
         raise DataError(
             f"manifest {path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-save as UTF-8"
@@ -127,6 +131,26 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except Exception as err:  # pandas/pyarrow raise many types for a malformed file
         raise DataError(f"manifest {path} could not be parsed: {err}") from err
     raise DataError(f"manifest {path} has suffix {suffix!r}; use .csv, .tsv, .csv.gz or .parquet")
+
+
+def _refuse_cut_file(path: Path, sep: str, columns: int) -> None:
+    """A CSV cut mid-row (a copy or download that stopped) parses without error, its last row's missing cells read
+    as empty labels; writers end files with a newline, so only a file without one is parsed again to check."""
+    import csv
+
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() == 0:
+            return
+        handle.seek(-1, 2)
+        if handle.read(1) in (b"\n", b"\r"):
+            return
+    rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines(keepends=True), delimiter=sep))
+    if len(rows) > 1 and len(rows[-1]) < columns:
+        raise DataError(
+            f"manifest {path} ends in the middle of a row (row {len(rows)} has {len(rows[-1])} of {columns} cells and "
+            "the file has no final newline): it looks cut short; copy or export it again"
+        )
 
 
 def _cell(value: Any) -> Any:
@@ -172,8 +196,14 @@ def load_manifest(
     on_error: OnError = "fail",
     splits: Sequence[str] | None = None,
     progress: bool = False,
+    data_root: str | Path | None = None,
 ) -> Manifest:
     """Read and validate a manifest.
+
+    Every image, report and regions path must resolve (symbolic links followed) inside ``data_root``, the
+    manifest's folder by default: a row pointing elsewhere (``../../etc/passwd``) is a bad row, so a manifest from
+    someone else cannot make radalign read, train on or cache files it was not meant to. Widen the root to allow
+    more (CLI: ``--data-root``, training: ``loader.data_root``).
 
     ``check_files`` checks that every image (and report/regions file) exists; ``decode`` also decodes every
     image (slow, used by ``radalign data check``). With ``on_error="fail"`` the first bad row raises a
@@ -183,6 +213,9 @@ def load_manifest(
     path = Path(path)
     table = read_table(path)
     base = path.parent
+    root = Path(data_root).expanduser().resolve() if data_root is not None else base.resolve()
+    if data_root is not None and not root.is_dir():
+        raise DataError(f"data root {data_root} is not a folder; pass the folder that holds the manifest's files")
     if "image" not in table.columns:
         raise DataError(
             f"manifest {path} has no 'image' column (columns: {list(table.columns)}); "
@@ -196,11 +229,12 @@ def load_manifest(
     problems: list[Problem] = []
     records: list[Record] = []
     seen_ids: dict[str, int] = {}
+    in_train: dict[tuple[str, str], int] = {}  # ("image", resolved path) / ("patient", id) -> first train row
     rows = table.to_dict(orient="records")
     for index, row in enumerate(_progress(rows, progress, "checking manifest")):
         row_number = index + 2  # 1-based with the header as row 1, as a spreadsheet shows it
         row_problems: list[Problem] = []
-        record = _parse_row(row, row_number, base, label_columns, row_problems)
+        record = _parse_row(row, row_number, base, root, label_columns, row_problems)
         if record is not None:
             if record.id in seen_ids:
                 row_problems.append(
@@ -214,6 +248,9 @@ def load_manifest(
                 )
             else:
                 seen_ids[record.id] = row_number
+            if record.split == "train":
+                for key in _identity_keys(record):
+                    in_train.setdefault(key, row_number)
             if splits is not None and record.split not in splits:
                 continue
             row_problems += _check_record(record, row_number, require_report, check_files, decode)
@@ -227,11 +264,55 @@ def load_manifest(
                 )
             continue
         records.append(record)  # type: ignore[arg-type]
+    records = _drop_leaks(path, records, seen_ids, in_train, problems, on_error)
     return Manifest(path=path, records=records, vocabulary=vocabulary, problems=problems)
 
 
+PATIENT_COLUMNS = ("patient", "patient_id", "subject_id")  # radalign's simulator, common exports, MIMIC
+
+
+def _identity_keys(record: Record) -> list[tuple[str, str]]:
+    keys = [("image", str(p.resolve())) for p in record.image_paths]
+    patient = next((record.metadata[c] for c in PATIENT_COLUMNS if record.metadata.get(c) is not None), None)
+    return keys + ([("patient", str(patient))] if patient is not None else [])
+
+
+def _drop_leaks(
+    path: Path,
+    records: list[Record],
+    rows: dict[str, int],
+    in_train: dict[tuple[str, str], int],
+    problems: list[Problem],
+    on_error: str,
+) -> list[Record]:
+    """A val/test row sharing an image file or a patient with a train row would score the model on what it trained
+    on: it is a bad row (dropped and listed with ``skip``, an error with ``fail``)."""
+    kept: list[Record] = []
+    for record in records:
+        shared = [(kind, value, in_train[(kind, value)]) for kind, value in _identity_keys(record)
+                  if record.split != "train" and (kind, value) in in_train]  # fmt: skip
+        if not shared:
+            kept.append(record)
+            continue
+        kind, value, train_row = shared[0]
+        what = f"image file {value}" if kind == "image" else f"patient {value}"
+        problem = Problem(
+            rows.get(record.id, 0), record.id, "split leakage",
+            f"its {what} is also in train row {train_row}; a {record.split} row must not share an image or a patient "
+            "with training (move the patient's rows into one split)", "split",
+        )  # fmt: skip
+        if on_error == "fail":
+            raise DataError(f"manifest {path} has a bad row:\n  {problem}")
+        problems.append(problem)
+    return kept
+
+
+def _outside(path: Path, root: Path) -> bool:
+    return not path.resolve().is_relative_to(root)
+
+
 def _parse_row(
-    row: dict[str, Any], row_number: int, base: Path, label_columns: list[str], problems: list[Problem]
+    row: dict[str, Any], row_number: int, base: Path, root: Path, label_columns: list[str], problems: list[Problem]
 ) -> Record | None:
     cells = {k: _cell(v) for k, v in row.items()}
     images = _image_paths(row.get("image"), base)
@@ -243,8 +324,21 @@ def _parse_row(
     def bad(kind: str, reason: str, column: str = "") -> None:
         problems.append(Problem(row_number, record_id, kind, reason, column))
 
+    def contained(file: Path, column: str) -> bool:
+        if not _outside(file, root):
+            return True
+        bad(
+            "outside data root",
+            f"{column} path {cells.get(column)!s} resolves to {file.resolve()}, outside the data root {root}; move "
+            "the file under it, or widen the root (--data-root, loader.data_root) if it is meant to be read",
+            column,
+        )
+        return False
+
     if not images:
         bad("missing file", "no image path", "image")
+    elif not all([contained(image, "image") for image in images]):
+        images = ()
     try:
         modality = Modality.parse(cells["modality"]) if cells.get("modality") else None
         if modality is None:
@@ -274,16 +368,19 @@ def _parse_row(
     report_path = cells.get("report_path")
     if report_path is not None:
         file = Path(report_path) if Path(report_path).is_absolute() else base / report_path
-        try:
-            report = read_report_file(file)
-        except FileNotFoundError:
-            bad("missing file", f"report file {file} does not exist", "report_path")
-        except DataError as err:
-            bad("unreadable report", str(err), "report_path")
+        if contained(file, "report_path"):
+            try:
+                report = read_report_file(file)
+            except FileNotFoundError:
+                bad("missing file", f"report file {file} does not exist", "report_path")
+            except DataError as err:
+                bad("unreadable report", str(err), "report_path")
     regions = cells.get("regions")
     regions_path = None
     if regions is not None:
         regions_path = Path(regions) if Path(regions).is_absolute() else base / regions
+        if not contained(regions_path, "regions"):
+            regions_path = None
     metadata = {k: v for k, v in cells.items() if k not in KNOWN_COLUMNS and not k.startswith(LABEL_PREFIX)}
     if problems and problems[-1].row == row_number:
         return None
@@ -322,8 +419,8 @@ def _check_record(
             from radalign.data.io import read_image
 
             try:
-                read_image(image_path)
-            except DataError as err:
+                read_image(image_path, expect=record.modality)
+            except (DataError, MemoryError) as err:
                 bad("unreadable image", str(err), "image")
     if record.regions_path is not None:
         if not record.regions_path.exists():

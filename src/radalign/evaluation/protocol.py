@@ -46,6 +46,7 @@ class Protocol:
     name: str
     description: str = ""
     data: Path | None = None  # the manifest; `radalign evaluate --data` overrides it
+    data_root: Path | None = None  # files the manifest names must lie under it (default: the manifest's folder)
     modality: Literal["xray", "ct"] = "xray"
     image_size: int = 224  # 2D: square side after pad-to-square + resize (no augmentation)
     volume_size: tuple[int, int, int] = (96, 96, 96)

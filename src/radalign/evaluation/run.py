@@ -78,7 +78,7 @@ def evaluate(
         )
 
     encoder = load(model, device=device)
-    manifest = load_manifest(protocol.data, on_error="skip", decode=False)
+    manifest = load_manifest(protocol.data, on_error="skip", decode=False, data_root=protocol.data_root)
     ctx = EvalContext(encoder, protocol, manifest.records, out, vocabulary=manifest.vocabulary, device=device,
                       progress=progress)  # fmt: skip
     model_path = Path(model)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ def set_aside(folder: Path) -> Path | None:
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     if not files:
         return None
-    target = folder / "superseded" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = folder / "superseded" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
         os.replace(path, target / path.name)

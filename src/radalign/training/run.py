@@ -192,7 +192,8 @@ def _check_resumable(path: Path, config: PretrainConfig, manifest_sha256: str, a
     changes = config_changes(meta["config"], config.to_dict()) if meta["config"] is not None else {}
     changes = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if meta["manifest_sha256"] not in (None, manifest_sha256):
-        changes["loader.manifest (its content)"] = (f"sha256 {meta['manifest_sha256'][:12]}…", f"sha256 {manifest_sha256[:12]}…")
+        was, now = meta["manifest_sha256"], manifest_sha256
+        changes["loader.manifest (its content)"] = (f"sha256 {was[:12]}…", f"sha256 {now[:12]}…")
     if not changes:
         return
     listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
