@@ -83,3 +83,72 @@ def test_loading_an_export_never_downloads_its_text_model(tiny_export, tmp_path,
     with pytest.raises(ConfigError, match="never downloads"):
         radalign.load(export)
     assert no_network == []
+
+
+# -- damaged exports and output folders (issue 14, defect 8) ------------------------------------------------------
+def _copy_export(tiny_export: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_export, tmp_path / "export"))
+
+
+def test_an_export_with_nan_weights_is_refused_at_load(tiny_export, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import radalign
+
+    export = _copy_export(tiny_export, tmp_path)
+    state = load_file(export / "model.safetensors")
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key][0] = float("nan")
+    save_file(state, export / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"1 weight tensors hold NaN or infinite values \(e\.g\. {key}\)"):
+        radalign.load(export)
+    assert torch.isfinite(load_file(tiny_export / "model.safetensors")[key]).all()  # the original is untouched
+
+
+def test_an_export_with_a_huge_embed_dim_is_a_config_error_not_an_allocation(tiny_export, tmp_path):
+    import radalign
+
+    export = _copy_export(tiny_export, tmp_path)
+    payload = json.loads((export / "config.json").read_text())
+    payload["config"]["model"]["embed_dim"] = 10**12
+    (export / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(ConfigError, match=r"model\.embed_dim = 1000000000000 is not a plausible"):
+        radalign.load(export)
+
+
+def test_an_export_with_a_wrong_shaped_tensor_is_a_config_error(tiny_export, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import radalign
+
+    export = _copy_export(tiny_export, tmp_path)
+    state = load_file(export / "model.safetensors")
+    key = next(k for k, v in state.items() if v.ndim == 2)
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, export / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"1 weight tensors have another shape.*{key}"):
+        radalign.load(export)
+
+
+def test_an_unwritable_output_folder_mid_run_is_one_clear_message(simulated_manifest, tmp_path, monkeypatch, capsys):
+    """The tests run as root, for whom chmod does not stop writes: the save raises what a read-only folder does."""
+    from radalign.cli import main
+    from radalign.training import checkpoints
+    from radalign.training.config import find_config
+
+    def refused(written, final):
+        raise PermissionError(13, "Permission denied", str(final))
+
+    monkeypatch.setattr(checkpoints, "commit_checkpoint", refused)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(find_config("clip-tiny")), "--data", str(simulated_manifest), "--out", str(tmp_path / "run"),
+              "--max-steps", "2", "--loader.image_size", "32", "--loader.batch_size", "4",
+              "--trainer.checkpoint_every_n_steps", "1", "--trainer.progress", "false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("Permission denied") == 1 and "Traceback" not in err
+    assert "step-00000001.ckpt; check that the path exists, is writable" in err

@@ -88,13 +88,53 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
             "<run>/export at the end of training)"
         )
     config = config_from_export(folder)
+    if not 0 < config.model.embed_dim <= MAX_EMBED_DIM:
+        raise ConfigError(
+            f"{folder / 'config.json'}: model.embed_dim = {config.model.embed_dim} is not a plausible embedding size "
+            f"(1 to {MAX_EMBED_DIM:,}); the export's config was damaged or edited: export the run again"
+        )
     tokenizer = load_tokenizer(folder / "tokenizer", local_only=True) if (folder / "tokenizer").is_dir() else None
     config.model.image.pretrained = None  # the exported weights replace any initialisation
-    method = build_method(config, tokenizer=tokenizer, for_inference=True)
+    try:
+        method = build_method(config, tokenizer=tokenizer, for_inference=True)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
+            raise
+        raise ConfigError(f"{folder / 'config.json'}: the model it describes does not fit in memory ({err})") from err
+    _check_shapes(folder, method.state_dict())
     state = load_file(folder / "model.safetensors")
     missing, unexpected = method.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("ema.")]:
         raise ConfigError(
             f"{folder}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        # caught here, not as "Input contains NaN" deep inside an evaluation that then writes nothing
+        raise ConfigError(
+            f"{folder / 'model.safetensors'}: {len(broken)} weight tensors hold NaN or infinite values (e.g. "
+            f"{', '.join(broken[:3])}): training diverged or the file is damaged; export from an earlier checkpoint"
+        )
     return Encoder(method.to(device), tokenizer, config.loader.max_length)
+
+
+MAX_EMBED_DIM = 65536  # far above any published model (768-2048); a larger value is a damaged config
+
+
+def _check_shapes(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Compare the file's tensor shapes (read from its header, nothing loaded) with the model's."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - no __iter__
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ConfigError(f"{folder / 'model.safetensors'} is not a readable safetensors file ({err})") from err
+    wrong = [f"{key}: {shape} in the file, {tuple(expected[key].shape)} in the model"
+             for key, shape in stored.items() if key in expected and tuple(expected[key].shape) != shape]  # fmt: skip
+    if wrong:
+        raise ConfigError(
+            f"{folder}: {len(wrong)} weight tensors have another shape than the model config.json describes ("
+            + "; ".join(wrong[:3])
+            + "): the two files do not belong together; export the run again"
+        )
