@@ -467,3 +467,26 @@ def test_resuming_with_a_changed_config_or_manifest_is_refused(simulated_manifes
     caplog.set_level("WARNING")
     assert pretrain(changed, run, allow_config_change=True).steps == 6
     assert "resuming" in caplog.text and "optim.lr" in caplog.text
+
+
+def test_a_run_killed_at_an_epoch_boundary_resumes_exactly(simulated_manifest, tmp_path):
+    """The checkpoint of an epoch's last step is written before Lightning closes the epoch: the resume must neither
+    repeat nor skip an epoch (batch 8: four or five steps an epoch, so six steps cross a boundary)."""
+    from radalign.training.run import pretrain
+
+    class KillAtSecondEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise _Killed
+
+    def config():
+        c = toy_config(simulated_manifest, checkpoint_every_n_steps=1)
+        c.loader.batch_size = 8
+        return c
+
+    straight = pretrain(config(), tmp_path / "straight")
+    with pytest.raises(_Killed):
+        pretrain(config(), tmp_path / "resumed", callbacks=[KillAtSecondEpoch()])
+    resumed = pretrain(config(), tmp_path / "resumed")
+    assert straight.steps == resumed.steps == 6
+    _assert_same_weights(_export_weights(straight), _export_weights(resumed))
