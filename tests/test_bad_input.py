@@ -282,3 +282,11 @@ def test_pretrain_names_the_rows_it_leaves_out(tiny_manifest, caplog):
     caplog.set_level("WARNING")
     RadDataModule(DataConfig(manifest=tiny_manifest, tokenizer=None, require_report=False)).setup("fit")
     assert "1 rows left out as bad (1 duplicate id)" in caplog.text and "id already used in row 2" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".dcm", ".png", ".tif", ".nii.gz", ".nii"])
+def test_a_zero_byte_file_is_a_data_error_that_names_it(tmp_path, suffix):
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"empty{suffix.replace('.', '[.]')}: "):
+        read_image(empty)

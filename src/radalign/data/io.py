@@ -111,7 +111,7 @@ def check_modality(image: Image, declared: Modality, path: Path, *, tagged: bool
             f"the manifest row says {declared.value}, and the file's DICOM Modality tag says {image.modality.value}",
             f"correct the row's modality, or point it at the {declared.value} image",
         )
-    dims = {Modality.XRAY: 2, Modality.CT: 3, Modality.MR: 3}.get(declared)
+    dims = {Modality.XRAY: 2, Modality.CT: 3}.get(declared)  # MR is read as it comes (slices or volumes)
     if dims is not None and image.array.ndim != dims:
         raise data_error(
             path,

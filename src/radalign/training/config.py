@@ -136,7 +136,8 @@ class PretrainConfig:
 # changes what a given step computes. The manifest's path may change (a moved archive) when its content has not.
 RESUMABLE_CHANGES = frozenset({
     "trainer.max_steps", "trainer.max_epochs", "trainer.progress", "trainer.log_every_n_steps",
-    "trainer.checkpoint_every_n_steps", "loader.manifest", "loader.cache_dir", "loader.eval_batch_size",
+    "trainer.checkpoint_every_n_steps", "loader.manifest", "loader.data_root", "loader.cache_dir",
+    "loader.eval_batch_size",
 })  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from radalign.data.datamodule import RadDataModule, SkippedSamplesCallback
 from radalign.errors import ConfigError, DataError
@@ -232,7 +233,7 @@ def pretrain(
     if ckpt_path is not None:
         _check_resumable(ckpt_path, config, manifest_sha256, allow_config_change)
         log.info(f"resuming from {ckpt_path}")
-    elif not resume:
+    elif not resume and rank_zero_only.rank == 0:  # under DDP every rank runs this; one moves the files
         set_aside(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
