@@ -144,10 +144,27 @@ def test_an_unwritable_output_folder_mid_run_is_one_clear_message(simulated_mani
         raise PermissionError(13, "Permission denied", str(final))
 
     monkeypatch.setattr(checkpoints, "commit_checkpoint", refused)
+    argv = [
+        "pretrain",
+        "--config",
+        str(find_config("clip-tiny")),
+        "--data",
+        str(simulated_manifest),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--loader.image_size",
+        "32",
+        "--loader.batch_size",
+        "4",
+        "--trainer.checkpoint_every_n_steps",
+        "1",
+        "--trainer.progress",
+        "false",
+    ]
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", str(find_config("clip-tiny")), "--data", str(simulated_manifest), "--out", str(tmp_path / "run"),
-              "--max-steps", "2", "--loader.image_size", "32", "--loader.batch_size", "4",
-              "--trainer.checkpoint_every_n_steps", "1", "--trainer.progress", "false"])  # fmt: skip
+        main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("Permission denied") == 1 and "Traceback" not in err
