@@ -91,6 +91,50 @@ def test_zero_shot_multiclass_metrics_equal_scikit_learn(eval_context):
     assert (eval_context.out / result.figures[0]).is_file()
 
 
+def _pairwise_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the share of (positive, negative) pairs ranked right, ties half: the definition, by loops."""
+    positives = [s for y, s in zip(labels, scores, strict=True) if y == 1]
+    negatives = [s for y, s in zip(labels, scores, strict=True) if y == 0]
+    if not positives or not negatives:
+        return float("nan")
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def test_zero_shot_auroc_equals_a_pairwise_count_on_hand_made_scores(eval_context):
+    """The task's headline AUROC against the definition, with the scores rebuilt from the prompts by hand."""
+    from radalign.evaluation.zero_shot import run_zero_shot
+
+    result = run_zero_shot(eval_context, TaskSpec("zero_shot"))
+    embedded = eval_context.embedded("test", text=False)
+    per_finding = {}
+    for finding, sides in result.details["prompts"].items():
+        pos, neg = (
+            F.normalize(eval_context.model.encode_texts(sides[k]).mean(0), dim=0) for k in ("positive", "negative")
+        )
+        score = torch.sigmoid((embedded.images @ pos - embedded.images @ neg) / 0.07).numpy()  # the pair softmax
+        per_finding[finding] = _pairwise_auroc(embedded.labels[:, embedded.vocabulary.index(finding)], score)
+        assert result.metrics[f"auroc/{finding}"].value == pytest.approx(per_finding[finding], abs=1e-9), finding
+    defined = [v for v in per_finding.values() if not np.isnan(v)]
+    assert len(defined) >= 3
+    assert result.metrics["auroc"].value == pytest.approx(np.mean(defined), abs=1e-9)
+
+
+def test_retrieval_recall_in_results_equals_a_loop_over_queries(eval_context):
+    from radalign.evaluation.retrieval import run_retrieval
+
+    result = run_retrieval(eval_context, TaskSpec("retrieval", params={"ks": [1, 2, 5]}))
+    test = eval_context.embedded("test", text=True)
+    sim = (test.images @ test.texts.T).numpy()
+    n = len(sim)
+    for k in (1, 2, 5):
+        i2t = np.mean([sum(sim[i, j] > sim[i, i] for j in range(n)) < k for i in range(n)])
+        t2i = np.mean([sum(sim[j, i] > sim[i, i] for j in range(n)) < k for i in range(n)])
+        assert result.metrics[f"i2t_R@{k}"].value == pytest.approx(i2t), k
+        assert result.metrics[f"t2i_R@{k}"].value == pytest.approx(t2i), k
+    assert 0 < result.metrics["i2t_R@5"].value < 1  # a case where an off-by-one in the rank shows
+
+
 def test_evaluate_writes_results_and_report_and_compare_flags_other_protocols(eval_manifest, tiny_export, tmp_path):
     from radalign.evaluation.report import compare_table
     from radalign.evaluation.run import evaluate, load_results
@@ -125,7 +169,8 @@ def test_a_failing_task_is_recorded_and_the_others_still_run(eval_manifest, tiny
         tasks=["zero_shot", "retrieval"],
     )  # fmt: skip
     assert "no_such_finding" in results["tasks"]["zero_shot"]["error"]
-    assert results["tasks"]["retrieval"]["metrics"]["i2t_R@1"]["value"] >= 0
+    retrieval = results["tasks"]["retrieval"]
+    assert "error" not in retrieval and {"i2t_R@1", "t2i_R@10"} <= retrieval["metrics"].keys()
 
 
 def test_evaluate_cli_names_an_unknown_task(eval_manifest, tiny_export, tmp_path, capsys):

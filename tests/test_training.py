@@ -490,3 +490,33 @@ def test_a_run_killed_at_an_epoch_boundary_resumes_exactly(simulated_manifest, t
     resumed = pretrain(config(), tmp_path / "resumed")
     assert straight.steps == resumed.steps == 6
     _assert_same_weights(_export_weights(straight), _export_weights(resumed))
+
+
+def test_ema_update_moves_each_copy_by_one_minus_decay():
+    from radalign.training.ema import EMACopies
+
+    model = nn.ModuleDict({"encoder": nn.Linear(3, 2)})
+    ema = EMACopies(model, ["encoder"], decay=0.9)  # 0.5 would hide decay and 1 - decay being swapped
+    before = ema["encoder"].weight.clone()
+    with torch.no_grad():
+        model["encoder"].weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema["encoder"].weight, 0.9 * before + 0.1 * model["encoder"].weight)
+
+
+def test_a_resume_past_a_stage_restart_keeps_that_stage_s_cosine_length(simulated_manifest, tmp_path):
+    """The stage at step 2 re-creates the optimiser with a schedule over the remaining 6 steps; resumed at step 5,
+    3 steps into its cosine, the schedule must still be 6 steps long (not the run's 8), or the lr differs."""
+    from radalign.training.run import pretrain
+
+    def config():
+        c = toy_config(simulated_manifest, max_steps=8, checkpoint_every_n_steps=1)
+        c.stages = [StageConfig(name="second", start_step=2, weights={"norm": 1.0}, reset_optimizer=True,
+                                lr=3e-3, warmup_steps=1)]  # fmt: skip
+        return c
+
+    straight = pretrain(config(), tmp_path / "straight")
+    with pytest.raises(_Killed):
+        pretrain(config(), tmp_path / "resumed", callbacks=[_KillAt(5)])
+    resumed = pretrain(config(), tmp_path / "resumed")
+    _assert_same_weights(_export_weights(straight), _export_weights(resumed))
