@@ -41,6 +41,48 @@ def test_over_seeds_is_mean_and_sample_std():
     assert Metric.from_dict(m.to_dict()) == m
 
 
+def _pairs_auroc(labels, scores):
+    pos = [s for y, s in zip(labels, scores, strict=True) if y == 1]
+    neg = [s for y, s in zip(labels, scores, strict=True) if y == 0]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_auroc_leaves_out_uncertain_and_missing_labels_and_macro_skips_undefined_columns():
+    from radalign.evaluation.metrics import macro_auroc
+
+    labels = np.array([[1, 0, 1], [0, 0, 1], [-1, 0, 0], [np.nan, 1, 0], [1, 0, 1], [0, -1, 1]], dtype=float)
+    scores = np.array([[0.9, 0.1, 0.7], [0.2, 0.3, 0.2], [0.99, 0.5, 0.4], [0.0, 0.2, 0.9], [0.4, 0.8, 0.6],
+                       [0.4, 0.6, 0.3]])  # fmt: skip
+    keep = [
+        0,
+        1,
+        4,
+        5,
+    ]  # column 0: rows labelled 0 or 1 only (the -1 and NaN rows score high and low: they must not count)
+    assert binary_auroc(labels[:, 0], scores[:, 0]) == pytest.approx(_pairs_auroc(labels[keep, 0], scores[keep, 0]))
+    assert binary_auroc(labels[:, 0], scores[:, 0]) == pytest.approx(0.875)  # a tie counts half: (1 + 1 + 1 + 0.5) / 4
+    assert np.isnan(binary_auroc(np.array([1.0, 1.0, -1.0]), np.array([0.1, 0.2, 0.3])))  # one class: undefined
+    expected = np.mean([_pairs_auroc(labels[keep, 0], scores[keep, 0]), _pairs_auroc(labels[:5, 1], scores[:5, 1]),
+                        _pairs_auroc(labels[:, 2], scores[:, 2])])  # fmt: skip
+    assert macro_auroc(labels, scores) == pytest.approx(expected)
+    one_class = np.column_stack([labels[:, 0], np.ones(6)])
+    assert macro_auroc(one_class, scores[:, :2]) == pytest.approx(binary_auroc(labels[:, 0], scores[:, 0]))
+    assert np.isnan(macro_auroc(np.ones((3, 2)), np.zeros((3, 2))))
+
+
+def test_bootstrap_is_a_point_without_resamples_and_an_exact_percentile_interval_with_them():
+    values = np.arange(10, dtype=float)
+    point = bootstrap(np.mean, values, resamples=0)
+    assert (point.value, point.method, point.n, point.low) == (4.5, "point", 10, None)
+    m = bootstrap(np.mean, values, resamples=50, seed=3, confidence=0.8)
+    rng = np.random.default_rng(3)
+    stats = [values[rng.integers(0, 10, 10)].mean() for _ in range(50)]
+    assert (m.low, m.high) == pytest.approx(tuple(np.quantile(stats, [0.1, 0.9])))
+    assert m.value == 4.5 and m.n == 10 and m.method == "bootstrap"
+    assert str(m) == f"4.500 [{m.low:.3f}, {m.high:.3f}]" and str(over_seeds([0.5, 0.7])) == "0.600 ± 0.141"
+    assert str(Metric(float("nan"))) == "n/a" and bootstrap(np.mean, np.array([1.0]), resamples=9).method == "point"
+
+
 def test_dense_targets_follow_the_image_through_pad_and_resize(eval_context):
     dataset = eval_context.dense_dataset("test")
     k = eval_context.vocabulary.index("cardiomegaly")
