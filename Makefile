@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean mutation
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest
+
+# The standing mutation check (docs/testing.md): slow, run it before changing a loss, a metric or resume.
+mutation: install
+	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"
+	$(BIN)/python tests/mutation/seeded_bugs.py
+	$(BIN)/python tests/mutation/mutation_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -115,3 +115,27 @@ def test_readme_quotes_exactly_the_rows_the_demo_report_writes():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     quoted = re.findall(r"^\| (.+?) \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \|$", readme, flags=re.M)
     assert quoted == [name for name, _ in README_ROWS]
+
+
+def test_evaluate_then_compare_through_the_command_line(tiny_export, eval_manifest, tmp_path, capsys):
+    import json
+
+    overrides = '{"image_size": 64, "bootstrap": 0, "seeds": [0]}'
+    for name in ("a", "b"):
+        main(["evaluate", "--model", str(tiny_export), "--data", str(eval_manifest), "--out", str(tmp_path / name),
+              "--tasks", "[zero_shot, retrieval]", "--overrides", overrides])  # fmt: skip
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["tasks"].keys() == {"zero_shot", "retrieval"} and (tmp_path / "a" / "report.md").is_file()
+    main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "table.md")])
+    table = (tmp_path / "table.md").read_text()
+    auroc = results["tasks"]["zero_shot"]["metrics"]["auroc"]["value"]
+    assert table.count(f"{auroc:.3f}") == 2  # both rows carry the evaluated value (the same model twice)
+
+
+def test_pretrain_without_data_names_the_missing_option(tmp_path, capsys):
+    from radalign.training.config import find_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(find_config("clip-tiny")), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

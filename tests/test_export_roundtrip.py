@@ -3,6 +3,8 @@ in eval mode (a loaded model left in train mode would differ by dropout and batc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -39,3 +41,32 @@ def test_a_loaded_export_embeds_like_the_trained_model(simulated_manifest, tmp_p
         expected_texts = trained.encode_texts(tokens)
     torch.testing.assert_close(loaded.encode_images(images), expected_images, rtol=0, atol=1e-6)
     torch.testing.assert_close(loaded.encode_texts(TEXTS), expected_texts, rtol=0, atol=1e-6)
+
+
+def test_load_error_paths_name_the_problem(tiny_export, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import radalign
+    from radalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"is not a radalign export: expected config\.json and model\.safetensors"):
+        radalign.load(tmp_path)
+    export = Path(shutil.copytree(tiny_export, tmp_path / "export"))
+    state = load_file(tiny_export / "model.safetensors")
+    save_file({**state, "stray.weight": torch.zeros(2)}, export / "model.safetensors")
+    unexpected = r"weights do not match the config \(missing \[\], unexpected \['stray\.weight'\]"
+    with pytest.raises(ConfigError, match=unexpected):
+        radalign.load(export)
+    dropped = next(k for k in state if k.endswith(".weight"))  # BatchNorm tolerates a missing step count
+    save_file({k: v for k, v in state.items() if k != dropped}, export / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"missing \['{dropped}'\]"):
+        radalign.load(export)
+    # an EMA teacher is training state: an export without its copies still loads (the live weights embed)
+    save_file(state, export / "model.safetensors")
+    payload = json.loads((export / "config.json").read_text())
+    payload["config"]["ema"]["modules"] = ["image_head"]
+    (export / "config.json").write_text(json.dumps(payload))
+    assert radalign.load(export).encode_images(torch.zeros(1, 1, 64, 64)).shape[0] == 1

@@ -520,3 +520,28 @@ def test_a_resume_past_a_stage_restart_keeps_that_stage_s_cosine_length(simulate
         pretrain(config(), tmp_path / "resumed", callbacks=[_KillAt(5)])
     resumed = pretrain(config(), tmp_path / "resumed")
     _assert_same_weights(_export_weights(straight), _export_weights(resumed))
+
+
+def test_under_gradient_accumulation_the_teacher_moves_once_per_optimiser_step(
+    simulated_manifest, tmp_path, monkeypatch
+):
+    from radalign.training.ema import EMACopies
+    from radalign.training.run import pretrain
+
+    calls = []
+    real = EMACopies.update
+    monkeypatch.setattr(EMACopies, "update", lambda self, model: (calls.append(1), real(self, model))[1])
+    config = toy_config(simulated_manifest, max_steps=3, accumulate_grad_batches=2)
+    config.ema.modules = ["encoder"]
+    result = pretrain(config, tmp_path / "run")
+    assert result.steps == 3 and len(calls) == 3  # 6 micro-batches, 3 optimiser steps, 3 teacher updates
+
+
+def test_bf16_mixed_precision_trains_a_step_on_the_cpu(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    result = pretrain(toy_config(simulated_manifest, max_steps=2, precision="bf16-mixed"), tmp_path / "run")
+    weights = _export_weights(result)
+    assert result.steps == 2 and math.isfinite(result.metrics["train/loss"])
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert weights["encoder.2.weight"].dtype == torch.float32  # mixed precision keeps float32 master weights

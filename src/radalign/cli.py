@@ -325,6 +325,17 @@ def _underscored(arg: str) -> str:
     return "--" + name[2:].replace("-", "_") + sep + value
 
 
+def _listed_runs(args: list[str]) -> list[str]:
+    """``compare A B C --out t.md`` -> ``compare '["A", "B", "C"]' --out t.md``: the parser reads a list-typed
+    positional as one JSON list, and the documented spelling is one path per argument."""
+    count = next((i for i, arg in enumerate(args) if arg.startswith("-")), len(args))
+    if count == 0 or (count == 1 and args[0].lstrip().startswith("[")):
+        return args
+    import json
+
+    return [json.dumps(args[:count]), *args[count:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
@@ -345,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("--version", "-V"):
         print(f"radalign {__version__}")
         return
+    if argv and argv[0] == "compare":
+        argv = ["compare", *_listed_runs(list(argv[1:]))]
     # Exit status: 0 done, 1 a check found problems (data check), 2 unusable input or environment (the message says
     # what to do), 3 radalign itself failed (a bug: the traceback is for the report), 130 interrupted.
     try:
