@@ -83,6 +83,33 @@ def test_bootstrap_is_a_point_without_resamples_and_an_exact_percentile_interval
     assert str(Metric(float("nan"))) == "n/a" and bootstrap(np.mean, np.array([1.0]), resamples=9).method == "point"
 
 
+@pytest.mark.filterwarnings("ignore:Only one class is present")
+def test_bootstrap_edges_one_run_two_rows_one_resample_and_refused_resamples():
+    """The cases a mutation check found unguarded (docs/testing.md)."""
+    from sklearn.metrics import roc_auc_score
+
+    assert over_seeds([0.5]).std == 0.0 and over_seeds([0.5]).n == 1  # one run: no spread, not NaN
+    assert over_seeds([float("nan")]).n == 0
+    values = np.arange(10, dtype=float)
+    assert bootstrap(np.mean, values) == bootstrap(np.mean, values, resamples=1000, seed=0)  # the documented defaults
+    assert bootstrap(np.mean, values[:2], resamples=5).method == "bootstrap"  # two rows can be resampled
+    one = bootstrap(np.mean, values, resamples=1)
+    assert one.method == "bootstrap" and one.low == one.high
+    narrow = bootstrap(np.mean, values, resamples=40, confidence=0.4)
+    rng = np.random.default_rng(0)
+    stats = [values[rng.integers(0, 10, 10)].mean() for _ in range(40)]
+    assert (narrow.low, narrow.high) == pytest.approx(tuple(np.quantile(stats, [0.3, 0.7])))
+    # a one-class resample has no AUROC (NaN, or an error from some statistics): dropped, the others still count
+    labels, scores = np.array([1.0, 0, 0, 0, 0, 1]), np.array([0.9, 0.1, 0.4, 0.3, 0.2, 0.6])
+    m = bootstrap(roc_auc_score, labels, scores, resamples=30, seed=1)
+    rng, kept = np.random.default_rng(1), []
+    for _ in range(30):
+        index = rng.integers(0, 6, 6)
+        if 0 < labels[index].sum() < 6:
+            kept.append(roc_auc_score(labels[index], scores[index]))
+    assert len(kept) < 30 and (m.low, m.high) == pytest.approx(tuple(np.quantile(kept, [0.025, 0.975])))
+
+
 def test_dense_targets_follow_the_image_through_pad_and_resize(eval_context):
     dataset = eval_context.dense_dataset("test")
     k = eval_context.vocabulary.index("cardiomegaly")
