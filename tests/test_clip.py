@@ -108,12 +108,35 @@ def test_clip_trains_on_ct_volume_report_pairs(tmp_path):
             "trainer.progress": False,
         },
     )
-    result = pretrain(config, tmp_path / "run")
+    import lightning as L
+
+    class Watch(L.Callback):
+        def __init__(self):
+            self.shapes = []
+
+        def on_train_start(self, trainer, module):
+            self.initial = {k: v.clone() for k, v in module.method.image_encoder.state_dict().items()}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.shapes.append((tuple(batch["image"].shape), batch["modality"]))
+
+        def on_train_end(self, trainer, module):
+            self.method = module.method
+
+    watch = Watch()
+    result = pretrain(config, tmp_path / "run", callbacks=[watch])
     assert result.steps == 2
+    assert all(shape[1:] == (1, 32, 32, 32) and set(modality) == {"ct"} for shape, modality in watch.shapes)
+    trained = watch.method.eval().image_encoder.state_dict()
+    moved = [k for k, v in watch.initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])]
+    assert len(moved) > len(watch.initial) // 2  # the 3D encoder itself learned, not only the heads
     from radalign.inference import load
 
     model = load(result.export)
-    assert model.encode_images(torch.rand(2, 1, 32, 32, 32)).shape == (2, config.model.embed_dim)
+    volumes = torch.rand(2, 1, 32, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = watch.method.encode_images(volumes)
+    torch.testing.assert_close(model.encode_images(volumes), expected, rtol=0, atol=1e-6)
 
 
 def test_pretrain_cli_overrides_and_rejects_unknown_keys(simulated_manifest, tmp_path, capsys):
