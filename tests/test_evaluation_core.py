@@ -90,8 +90,9 @@ def test_bootstrap_edges_one_run_two_rows_one_resample_and_refused_resamples():
 
     assert over_seeds([0.5]).std == 0.0 and over_seeds([0.5]).n == 1  # one run: no spread, not NaN
     assert over_seeds([float("nan")]).n == 0
+    noisy = np.random.default_rng(4).normal(size=12)  # continuous: one resample more or less moves the quantiles
+    assert bootstrap(np.mean, noisy) == bootstrap(np.mean, noisy, resamples=1000, seed=0)  # the documented defaults
     values = np.arange(10, dtype=float)
-    assert bootstrap(np.mean, values) == bootstrap(np.mean, values, resamples=1000, seed=0)  # the documented defaults
     assert bootstrap(np.mean, values[:2], resamples=5).method == "bootstrap"  # two rows can be resampled
     one = bootstrap(np.mean, values, resamples=1)
     assert one.method == "bootstrap" and one.low == one.high
