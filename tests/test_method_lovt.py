@@ -173,3 +173,39 @@ def test_probe_features_are_what_the_global_head_projects(batch_and_method):
         backbone = method.image_encoder(images).global_emb  # the average pool: a different vector
     assert features.shape == backbone.shape and not torch.allclose(features, backbone)
     method.train()
+
+
+def test_ablation_switches_hand_the_loss_exactly_the_ablated_inputs(batch_and_method, monkeypatch):
+    """Not only *that* a switch changes the loss: smoothing off passes the identity as the regions' positives (and
+    on, the thresholded exponentials of the grid's distances); weighting off passes no weights at all."""
+    import radalign.methods.lovt as lovt_module
+    from radalign.objectives.local.lovt import spatial_positives
+
+    config, _, batch, method = batch_and_method
+    real = lovt_module.local_intra_sample_loss
+    calls: list[dict] = []
+
+    def recording(z, z_att, mask, positives=None, weights=None, tau=0.3):
+        calls.append({"positives": positives, "weights": weights, "tau": tau})
+        return real(z, z_att, mask, positives=positives, weights=weights, tau=tau)
+
+    monkeypatch.setattr(lovt_module, "local_intra_sample_loss", recording)
+
+    def handed(**objectives):
+        calls.clear()
+        other = copy.deepcopy(method)
+        other.config = tiny_lovt(config.loader.manifest, **objectives)
+        with torch.no_grad():
+            other.losses(batch)
+        return calls[0], calls[1]  # the region loss, then the sentence loss
+
+    region, sentence = handed()
+    with torch.no_grad():
+        grid = copy.deepcopy(method).eval().encode_image_locals(batch["image"][:1])[1]
+    assert torch.equal(region["positives"], spatial_positives(grid, threshold=0.5))
+    assert sentence["positives"] is None and region["weights"] is not None and sentence["weights"] is not None
+    region, _ = handed(**{"objectives.local_image.spatial_smoothing": False})
+    assert torch.equal(region["positives"], torch.eye(math.prod(grid)))
+    region, sentence = handed(**{"objectives.local_image.weighting": False, "objectives.local_text.weighting": False})
+    assert region["weights"] is None and sentence["weights"] is None
+    assert torch.equal(region["positives"], spatial_positives(grid, threshold=0.5))  # smoothing untouched
