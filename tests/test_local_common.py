@@ -60,3 +60,26 @@ def test_grid_distances_are_row_major_and_normalised_by_the_diagonal():
         for b in range(h * w):
             (ya, xa), (yb, xb) = divmod(a, w), divmod(b, w)
             assert math.isclose(float(d[a, b]), math.hypot(ya - yb, xa - xb) / math.hypot(h, w), rel_tol=1e-6)
+
+
+def test_masked_fill_logits_keeps_valid_logits_and_makes_masked_ones_vanish_even_in_half_precision():
+    from radalign.objectives.local.common import NEG, masked_fill_logits
+
+    logits = torch.tensor([[3.0, -2.0, 40.0], [1.0, 2.0, 3.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    filled = masked_fill_logits(logits, mask)
+    assert torch.equal(filled[0, :2], logits[0, :2]) and (filled[~mask] == NEG).all()
+    weights = filled.softmax(-1)
+    assert weights[0, 2] < 1e-30 and torch.allclose(weights[0, :2], torch.softmax(logits[0, :2], 0))
+    half = masked_fill_logits(logits.half(), mask).softmax(-1)  # an all-masked row stays finite (uniform), no NaN
+    assert torch.isfinite(half).all() and torch.allclose(half[1].float(), torch.full((3,), 1 / 3), atol=1e-3)
+    # a broadcast mask (True = keep), as the attention code passes one per key
+    keys = torch.tensor([True, False, True])
+    assert torch.equal(masked_fill_logits(logits, keys)[:, 1], torch.full((2,), NEG))
+
+
+def test_masked_mean_defaults_to_the_last_dim_and_counts_a_single_valid_position_once():
+    values = torch.arange(24.0).reshape(2, 3, 4)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[..., 1] = True  # exactly one valid position per row of the last dim
+    torch.testing.assert_close(masked_mean(values, mask), values[..., 1])  # dim=-1 by default, not 1
