@@ -128,6 +128,8 @@ def test_a_damaged_jpeg2000_stream_is_refused_not_decoded_to_garbage(tmp_path, d
     with pytest.raises(DataError, match=r"damaged\.dcm: the (JPEG 2000 stream of frame 1 is damaged|pixel data)"):
         read_image(tmp_path / "damaged.dcm")
     assert read_image(PYDICOM_FILES / "MR_small_jp2klossless.dcm").array.shape == (64, 64)  # intact: still reads
+    # a valid stream padded with 0xFF after its end-of-codestream marker (pydicom's colour example) reads too
+    assert read_image(PYDICOM_FILES / "examples_jpeg2k.dcm", modality="xray").array.shape == (480, 640)
 
 
 def _manifest(folder: Path, rows: list[dict]) -> Path:

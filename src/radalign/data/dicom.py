@@ -202,7 +202,7 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         )
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
         array = apply_color_lut(array, ds)
-    if int(ds.get("NumberOfFrames") or 1) == 1:
+    if frames == 1:
         array = array[None]
     return array if array.ndim == 4 else array[..., None]
 
@@ -219,11 +219,15 @@ def _j2k_codestream_problem(frame: bytes) -> str | None:
     start = frame.find(b"\xff\x4f\xff\x51")  # SOC + SIZ (after a JP2 box header, if any)
     if start < 0:
         return "it has no JPEG 2000 start-of-codestream marker"
-    end = len(frame.rstrip(b"\x00"))  # DICOM pads fragments to an even length
+    end = len(frame.rstrip(b"\x00\xff"))  # fragments are padded to an even length: 0x00 as DICOM says, 0xFF by some
     if frame[end - 2 : end] != b"\xff\xd9":
         return "it does not end with the end-of-codestream marker (cut short or overwritten)"
-    position = frame.find(b"\xff\x90", start)  # the first tile-part (SOT); each says how long it is
-    while 0 <= position < end - 2:
+    position = start + 2  # walk the main header's marker segments by their lengths to the first tile-part (SOT):
+    while frame[position : position + 2] not in (b"\xff\x90", b""):  # searching for its bytes could hit header data
+        if frame[position] != 0xFF or position + 4 > end:
+            return f"its main header is broken at byte {position}"
+        position += 2 + int.from_bytes(frame[position + 2 : position + 4], "big")
+    while position < end - 2:  # each tile-part says how long it is
         if frame[position : position + 2] != b"\xff\x90" or position + 10 > end:
             return f"a tile-part at byte {position} is missing or cut"
         length = int.from_bytes(frame[position + 6 : position + 10], "big")
