@@ -230,6 +230,7 @@ def load_manifest(
     records: list[Record] = []
     seen_ids: dict[str, int] = {}
     in_train: dict[tuple[str, str], int] = {}  # ("image", resolved path) / ("patient", id) -> first train row
+    held_out: dict[str, list[tuple[str, str]]] = {}  # val/test record id -> its identity keys, resolved once
     rows = table.to_dict(orient="records")
     for index, row in enumerate(_progress(rows, progress, "checking manifest")):
         row_number = index + 2  # 1-based with the header as row 1, as a spreadsheet shows it
@@ -248,9 +249,12 @@ def load_manifest(
                 )
             else:
                 seen_ids[record.id] = row_number
+            keys = _identity_keys(record)
             if record.split == "train":
-                for key in _identity_keys(record):
+                for key in keys:
                     in_train.setdefault(key, row_number)
+            else:
+                held_out[record.id] = keys
             if splits is not None and record.split not in splits:
                 continue
             row_problems += _check_record(record, row_number, require_report, check_files, decode)
@@ -264,7 +268,7 @@ def load_manifest(
                 )
             continue
         records.append(record)  # type: ignore[arg-type]
-    records = _drop_leaks(path, records, seen_ids, in_train, problems, on_error)
+    records = _drop_leaks(path, records, seen_ids, held_out, in_train, problems, on_error)
     return Manifest(path=path, records=records, vocabulary=vocabulary, problems=problems)
 
 
@@ -281,6 +285,7 @@ def _drop_leaks(
     path: Path,
     records: list[Record],
     rows: dict[str, int],
+    held_out: dict[str, list[tuple[str, str]]],
     in_train: dict[tuple[str, str], int],
     problems: list[Problem],
     on_error: str,
@@ -289,8 +294,8 @@ def _drop_leaks(
     on: it is a bad row (dropped and listed with ``skip``, an error with ``fail``)."""
     kept: list[Record] = []
     for record in records:
-        shared = [(kind, value, in_train[(kind, value)]) for kind, value in _identity_keys(record)
-                  if record.split != "train" and (kind, value) in in_train]  # fmt: skip
+        shared = [(kind, value, in_train[(kind, value)]) for kind, value in held_out.get(record.id, [])
+                  if (kind, value) in in_train]  # fmt: skip
         if not shared:
             kept.append(record)
             continue
