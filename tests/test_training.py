@@ -421,6 +421,17 @@ def test_no_valid_checkpoint_starts_from_step_0_and_says_why(simulated_manifest,
     assert "no checkpoint verifies, starting from step 0" in caplog.text and "empty" in caplog.text
 
 
+def test_a_damaged_checkpoint_of_a_later_step_is_moved_aside_and_never_costs_a_good_one(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step-00000009.ckpt").write_bytes(b"")  # left in place it would be one of "the newest two"
+    pretrain(toy_config(simulated_manifest, checkpoint_every_n_steps=1), tmp_path / "run")
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["step-00000005.ckpt", "step-00000006.ckpt"]
+    assert (folder / "damaged" / "step-00000009.ckpt").is_file()
+
+
 def test_a_fresh_start_keeps_the_earlier_checkpoints_aside(simulated_manifest, tmp_path):
     from radalign.training.run import pretrain
 

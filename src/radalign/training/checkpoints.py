@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from radalign.utils.logging import get_logger
 
@@ -93,16 +94,32 @@ def verify(path: Path) -> str | None:
 
 
 def resumable_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint in ``folder`` that verifies; each newer one passed over is named with the reason."""
+    """The newest checkpoint in ``folder`` that verifies; each newer one passed over is named with the reason and
+    moved to ``damaged/`` (kept for inspection, and out of the way: left in place, a damaged checkpoint of a later
+    step would count as one of the newest two and have a good one pruned)."""
     log = get_logger()
     rejected: list[str] = []
+    chosen: Path | None = None
+    damaged: list[Path] = []
     for _, path in step_checkpoints(folder):
         reason = verify(path)
         if reason is None:
-            if rejected:
-                log.warning(f"resuming from the previous good checkpoint {path.name}: " + "; ".join(rejected))
-            return path
+            chosen = path
+            break
         rejected.append(f"{path} is not used: {reason}")
+        damaged.append(path)
+    if damaged and rank_zero_only.rank == 0:  # under DDP every rank looks; one moves the files
+        aside = folder / "damaged"
+        aside.mkdir(exist_ok=True)
+        for path in damaged:
+            for file in (path, path.with_name(path.name + ".sha256")):
+                if file.exists():
+                    os.replace(file, aside / file.name)
+        rejected.append(f"kept in {aside}")
+    if chosen is not None:
+        if rejected:
+            log.warning(f"resuming from the previous good checkpoint {chosen.name}: " + "; ".join(rejected))
+        return chosen
     legacy = folder / _LEGACY
     if legacy.is_file() and legacy.stat().st_size > 0:
         log.info(f"{legacy} was written before checkpoints carried checksums: resuming from it unverified")
