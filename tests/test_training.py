@@ -548,10 +548,19 @@ def test_under_gradient_accumulation_the_teacher_moves_once_per_optimiser_step(
     assert result.steps == 3 and len(calls) == 3  # 6 micro-batches, 3 optimiser steps, 3 teacher updates
 
 
-def test_bf16_mixed_precision_trains_a_step_on_the_cpu(simulated_manifest, tmp_path):
+def test_bf16_mixed_precision_trains_a_step_on_the_cpu(simulated_manifest, tmp_path, monkeypatch):
     from radalign.training.run import pretrain
 
+    seen = []
+    real = ToyMethod.losses
+
+    def watched(self, batch):  # the forward must run under CPU bf16 autocast, not silently in float32
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(self, batch)
+
+    monkeypatch.setattr(ToyMethod, "losses", watched)
     result = pretrain(toy_config(simulated_manifest, max_steps=2, precision="bf16-mixed"), tmp_path / "run")
+    assert seen and all(seen_step == (True, torch.bfloat16) for seen_step in seen)
     weights = _export_weights(result)
     assert result.steps == 2 and math.isfinite(result.metrics["train/loss"])
     assert all(torch.isfinite(w).all() for w in weights.values())
