@@ -15,7 +15,7 @@ import pytest
 
 from radalign.data.io import read_image
 from radalign.data.manifest import load_manifest
-from radalign.errors import DataError
+from radalign.errors import ConfigError, DataError
 from tests.conftest import write_png16
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -68,6 +68,9 @@ def test_an_image_over_the_decode_limit_is_refused_and_the_limit_is_configurable
         read_image(png)
     monkeypatch.setenv("RADALIGN_MAX_PIXELS", "12000")
     assert read_image(png).array.shape == (100, 120)
+    monkeypatch.setenv("RADALIGN_MAX_PIXELS", "abc")  # a bad setting stops the command, not one file per image
+    with pytest.raises(ConfigError, match=r"RADALIGN_MAX_PIXELS='abc' is not a number"):
+        read_image(png)
 
 
 def test_a_tiled_tiff_that_decodes_to_600_million_pixels_is_refused_before_decoding(tmp_path, monkeypatch):

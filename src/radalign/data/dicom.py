@@ -32,7 +32,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
 from radalign.data.schema import Image, Modality, View
-from radalign.errors import DataError
+from radalign.errors import ConfigError, DataError
 
 log = logging.getLogger("radalign.data.io")
 
@@ -74,7 +74,8 @@ def _max_pixels() -> int:
     try:
         return int(float(value)) if value else DEFAULT_MAX_PIXELS
     except ValueError:
-        raise DataError(f"RADALIGN_MAX_PIXELS={value!r} is not a number; give a pixel count such as 1e9") from None
+        # a setting, not a bad file: one error for the command rather than one skipped record per image
+        raise ConfigError(f"RADALIGN_MAX_PIXELS={value!r} is not a number; give a pixel count such as 1e9") from None
 
 
 def check_decoded_size(path: Path | str, shape: tuple[int, ...]) -> None:
