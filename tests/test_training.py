@@ -456,7 +456,7 @@ def test_resuming_with_a_changed_config_or_manifest_is_refused(simulated_manifes
 
     changed = toy_config(simulated_manifest)
     changed.optim.lr = 3e-2
-    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.01 -> 0\.03.*--allow-config-change"):
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.01 -> 0\.03.*--allow-config-change true"):
         pretrain(changed, run)
     assert (run / "config.yaml").read_text() == written  # the run's record still says what it trained with
 

@@ -204,7 +204,7 @@ def _check_resumable(path: Path, config: PretrainConfig, manifest_sha256: str, a
     raise ConfigError(
         f"refused to resume from {path}: this command changes what the run trains with ({listed}). Run with the "
         "settings the run started with (its config.yaml), write to a new --out folder, or pass "
-        "--allow-config-change to continue with the new values deliberately"
+        "--allow-config-change true to continue with the new values deliberately"
     )
 
 
