@@ -67,6 +67,32 @@ def toy_config(manifest, **trainer) -> PretrainConfig:
     )  # fmt: skip
 
 
+# -- killing and comparing runs ------------------------------------------------------------------------------------
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Killed
+
+
+def _export_weights(result):
+    from safetensors.torch import load_file
+
+    return load_file(result.export / "model.safetensors")
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_every_shipped_config_loads_and_names_a_registered_method():
     import importlib
 
@@ -145,17 +171,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
 def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(simulated_manifest, tmp_path, staged):
     """With ``staged``, a stage re-creates the optimiser at step 2 with its own lr and warm-up before the step-3
     checkpoint (PRIOR's case): the resumed run must rebuild that stage's optimiser and schedule, not stage 1's."""
-    import lightning as L
-
     from radalign.training.run import pretrain
-
-    class Killed(Exception):
-        pass
-
-    class KillAfter(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == 3:  # the step-3 checkpoint is on disk; the process "dies" here
-                raise Killed
 
     def config():
         c = toy_config(simulated_manifest)
@@ -165,17 +181,12 @@ def test_a_killed_run_resumed_from_its_checkpoint_matches_an_uninterrupted_run(s
         return c
 
     straight = pretrain(config(), tmp_path / "straight")
-    with pytest.raises(Killed):
-        pretrain(config(), tmp_path / "resumed", callbacks=[KillAfter()])
+    with pytest.raises(_Killed):  # the step-3 checkpoint is on disk; the process "dies" at step 3
+        pretrain(config(), tmp_path / "resumed", callbacks=[_KillAt(3)])
     resumed = pretrain(config(), tmp_path / "resumed")
     assert straight.steps == resumed.steps == 6
 
-    def weights(run):
-        from safetensors.torch import load_file
-
-        return load_file(run.export / "model.safetensors")
-
-    a, b = weights(straight), weights(resumed)
+    a, b = _export_weights(straight), _export_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
@@ -312,31 +323,6 @@ def test_trainer_flags_reach_lightning(simulated_manifest, tmp_path):
 
 
 # -- checkpoints that survive (issue 14, defect 4) -------------------------------------------------------------------
-class _Killed(Exception):
-    pass
-
-
-class _KillAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise _Killed
-
-
-def _export_weights(result):
-    from safetensors.torch import load_file
-
-    return load_file(result.export / "model.safetensors")
-
-
-def _assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-
-
 @pytest.fixture
 def straight_run(simulated_manifest, tmp_path):
     from radalign.training.run import pretrain
