@@ -150,7 +150,15 @@ def test_grounding_on_the_eval_context_gives_intervals_and_overlays(eval_context
         m = result.metrics[name]
         assert np.isfinite(m.value) and m.method == "bootstrap" and m.low <= m.value <= m.high, name
         assert f"{name}/pleural_effusion" in result.metrics
-    assert 0 <= result.metrics["pointing_game"].value <= 1 and 0 <= result.metrics["miou"].value <= 1
+    # the headline is the mean over all pairs: the per-finding means weighted by their pair counts, and the pointing
+    # game a count of hits over the pairs
+    pairs = {f: v["pairs"] for f, v in result.details["per_finding"].items()}
+    assert sum(pairs.values()) == result.details["pairs"]
+    for name in ("pointing_game", "miou"):
+        weighted = sum(n * result.metrics[f"{name}/{f}"].value for f, n in pairs.items()) / result.details["pairs"]
+        assert result.metrics[name].value == pytest.approx(weighted, abs=1e-12), name
+    hits = result.metrics["pointing_game"].value * result.details["pairs"]
+    assert hits == pytest.approx(round(hits), abs=1e-9)
     assert set(result.details["per_finding"]) <= {"pleural_effusion", "cardiomegaly"}
     assert result.details["phrase_sources"]["report"] == result.details["pairs"] > 0
     assert all(v["report"] == v["pairs"] and v["prompt"] == 0 for v in result.details["per_finding"].values())

@@ -127,16 +127,38 @@ def test_ablation_switches_change_the_local_loss(batch_and_method):
     assert weight_off["global"] == pytest.approx(base["global"])
 
 
-def test_local_image_loss_on_a_2x2_grid_is_bounded_by_uniform(batch_and_method):
+def test_local_losses_on_a_2x2_grid_equal_the_loop_reference_with_hand_written_positives(batch_and_method):
+    """The method's two local terms on its own real batch, against the loop reference of test_local_lovt with the
+    2x2 grid's positives written out: side neighbours at d = 1 / sqrt(8), the diagonal one at exactly d = 0.5 (the
+    inclusive threshold keeps it), each row exp(-d) normalised."""
+    from tests.test_local_lovt import _reference_loss
+
     _, _, batch, method = batch_and_method
-    method.eval()
+    # float64: untrained regions are nearly alike, so a wrong positive set moves the loss by about 1e-6 only
+    method = copy.deepcopy(method).double().eval()
+    side, diagonal = 1 / math.sqrt(8), 0.5
+    d = torch.tensor(
+        [[0, side, side, diagonal], [side, 0, diagonal, side], [side, diagonal, 0, side], [diagonal, side, side, 0]],
+        dtype=torch.float64,
+    )
+    positives = torch.exp(-d) / torch.exp(-d).sum(dim=1, keepdim=True)
+    batch = {**batch, "image": batch["image"].double()}
+    text = {k: batch[k] for k in ("input_ids", "attention_mask", "token_sentence")}
     with torch.no_grad():
-        locals_, grid = method.encode_image_locals(batch["image"])
         losses = method.losses(batch)
-    assert grid == (2, 2) and locals_.shape == (len(batch["image"]), 4, 128)
-    torch.testing.assert_close(locals_.norm(dim=-1), torch.ones(locals_.shape[:2]))
-    # each term is a cross-entropy over the 4 regions, at most 2 * log(4) / tau-scaled similarities allow more
-    assert 0 < float(losses["local_image"]) < 2 * (math.log(4) + 2 / 0.3)
+        _, regions, region_mask, region_w, grid = method._images(batch["image"])
+        _, sentences, sentence_mask, sentence_w = method._texts(text)
+        sent2region, region2sent = method.cross_attention(regions, region_mask, sentences, sentence_mask)
+    assert grid == (2, 2) and regions.shape == (len(batch["image"]), 4, 128) and regions.dtype == torch.float64
+    region_valid = region_mask & sentence_mask.any(dim=1, keepdim=True)
+    expected_image = sum(_reference_loss(regions, sent2region, region_valid, positives, region_w, 0.3))
+    expected_text = sum(_reference_loss(sentences, region2sent, sentence_mask, None, sentence_w, 0.3))
+    torch.testing.assert_close(losses["local_image"], expected_image, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses["local_text"], expected_text, rtol=1e-10, atol=1e-12)
+    # the diagonal neighbour left out (a strict threshold) is a different number, far outside that tolerance
+    strict = positives * (d < 0.5)
+    without_diagonal = sum(_reference_loss(regions, sent2region, region_valid, strict, region_w, 0.3))
+    assert abs(float(without_diagonal) - float(expected_image)) > 1e-8
 
 
 def test_short_pretrain_exports_a_loadable_model_with_locals(simulated_manifest, tmp_path):

@@ -159,7 +159,7 @@ def test_reconstruction_has_the_image_shape(batch_and_method):
     assert not torch.equal(with_text, image_only)  # the sentence context enters the decoder
 
 
-def test_three_stages_on_a_short_run(simulated_manifest, tmp_path, caplog):
+def test_three_stages_on_a_short_run(simulated_manifest, eval_manifest, tmp_path, caplog):
     """Stage switching end to end: the log names each stage's start, the optimiser is re-created with the stage's
     learning rate, the decoders' losses appear in stage 3 only, and the exported model encodes with prototypes."""
     from radalign.inference import load
@@ -194,14 +194,40 @@ def test_three_stages_on_a_short_run(simulated_manifest, tmp_path, caplog):
     assert torch.equal(a, b) and a.shape == (2, 128)
 
     # PRIOR's local zero-shot score through the evaluation suite, at the protocol's image size (128 px, a 4x4
-    # grid, while the model trained at 64 px on 2x2: the pool's positions are resized)
-    from radalign.evaluation.run import evaluate
+    # grid, while the model trained at 64 px on 2x2: the pool's positions are resized), against the scores rebuilt
+    # by hand from the test images: global cosine + 0.5 x the local similarity, per side of each prompt pair
+    from radalign.data.manifest import load_manifest
+    from radalign.evaluation.context import EvalContext
+    from radalign.evaluation.protocol import TaskSpec, load_protocol
+    from radalign.evaluation.zero_shot import run_zero_shot
+    from tests.test_evaluation import _pairwise_auroc
 
-    overrides = {"bootstrap": 10, "tasks.zero_shot.local_weight": 0.5}
-    results = evaluate(result.export, "quick", tmp_path / "eval", data=simulated_manifest, tasks=["zero_shot"],
-                       overrides=overrides, progress=False)  # fmt: skip
-    auroc = results["tasks"]["zero_shot"]["metrics"]["auroc"]["value"]
-    assert 0.0 <= auroc <= 1.0
+    manifest = load_manifest(eval_manifest)  # 24 test images: enough for the local term to move the AUROC
+    protocol = load_protocol("quick", {"bootstrap": 0})
+    ctx = EvalContext(model, protocol, manifest.records, tmp_path / "eval", vocabulary=manifest.vocabulary)
+    task = run_zero_shot(ctx, TaskSpec("zero_shot", params={"local_weight": 0.5}))
+    items = [item for item in ctx.dataset("test")]
+    images = torch.stack([item["image"] for item in items])
+    labels = torch.stack([item["labels"] for item in items]).numpy()
+    assert images.shape[-1] == 128
+    compared = 0
+    with torch.no_grad():
+        image_emb = model.encode_images(images)
+        for finding, sides in task.details["prompts"].items():
+            side_scores = []
+            for texts in (sides["positive"], sides["negative"]):
+                tokens = {k: v for k, v in model.tokenize(texts).items() if k != "n_sentences"}
+                local = model.method.local_similarity(images, tokens).mean(dim=1)
+                glob = image_emb @ torch.nn.functional.normalize(model.encode_texts(texts).mean(0), dim=0)
+                side_scores.append(glob + 0.5 * local)
+            score = torch.sigmoid((side_scores[0] - side_scores[1]) / 0.07).numpy()
+            expected = _pairwise_auroc(labels[:, ctx.vocabulary.index(finding)], score)  # the protocol's order
+            if expected == expected:
+                assert task.metrics[f"auroc/{finding}"].value == pytest.approx(expected, abs=1e-6), finding
+                compared += 1
+    assert compared >= 2
+    without = run_zero_shot(ctx, TaskSpec("zero_shot"))
+    assert without.metrics["auroc"].value != task.metrics["auroc"].value  # the local term is in the score
 
 
 def test_clip_style_pool_resizes_its_positions_for_another_grid():

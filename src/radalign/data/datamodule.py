@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from radalign.data.cache import PreparedCache
 from radalign.data.config import DataConfig
@@ -107,11 +107,19 @@ class RadDataModule(L.LightningDataModule):
         pad = getattr(self.tokenizer, "pad_token_id", 0) or 0
         generator = torch.Generator().manual_seed(c.seed)
         dataset = self.datasets[split]
+        # the trainer is attached once fit starts; under DDP this process reads its own share (see EpochSampler)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler: Sampler | None
+        if train:
+            sampler = EpochSampler(len(dataset), c.seed, per_item_seeds=c.num_workers > 0, num_replicas=world,
+                                   rank=rank)  # fmt: skip
+        else:  # what Lightning's own sharding would give: in order, padded to an equal share
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
         return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=c.batch_size if train else (c.eval_batch_size or c.batch_size),
-            sampler=EpochSampler(len(dataset), c.seed, per_item_seeds=c.num_workers > 0) if train else None,
-            drop_last=train and len(dataset) >= c.batch_size,
+            sampler=sampler,
+            drop_last=train and len(dataset) // world >= c.batch_size,
             num_workers=c.num_workers,
             collate_fn=Collate(pad_token_id=pad),
             worker_init_fn=seed_worker,
@@ -131,10 +139,18 @@ class RadDataModule(L.LightningDataModule):
 
 
 class EpochSampler(Sampler[int | tuple[int, int]]):
-    """Shuffles with a permutation seeded by (seed, epoch), so the order of any epoch can be re-created.
+    """Shuffles with a permutation seeded by (seed, epoch), so the order of any epoch can be re-created, and shares
+    it out among ``num_replicas`` processes (DDP): process ``rank`` takes every ``num_replicas``-th item.
 
-    Lightning calls ``set_epoch`` at every epoch start (and wraps this sampler for DDP); ``skip`` drops the first
-    samples of the next iteration, which is how a resumed run continues mid-epoch with the same data order.
+    radalign shards the training data itself rather than letting Lightning wrap this sampler: a wrapped sampler
+    neither sees ``set_epoch`` (every epoch would repeat the first one's order) nor can skip into an epoch. Every
+    process gets the same number of items; the few left over (fewer than ``num_replicas``) sit the epoch out, which
+    changes with the shuffle, instead of being repeated: a repeated sample would be its own false negative in a
+    gathered contrastive batch.
+
+    ``offset`` drops the first items of the next epoch's *global* order, which is how a resumed run continues
+    mid-epoch with the same data order, on any number of processes: after t steps of batch b on W processes the
+    consumed items are exactly the first t x b x W of the order.
 
     With ``per_item_seeds`` it yields ``(index, sample_seed)`` and the dataset draws that item's augmentation from
     ``sample_seed`` (a hash of seed, epoch and index): what keeps loader workers reproducible, since which worker
@@ -142,12 +158,17 @@ class EpochSampler(Sampler[int | tuple[int, int]]):
     are augmented in order in the main process from torch's global generator, whose state the checkpoint keeps.
     """
 
-    def __init__(self, size: int, seed: int, *, per_item_seeds: bool = False) -> None:
+    def __init__(
+        self, size: int, seed: int, *, per_item_seeds: bool = False, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} processes")
         self.size = size
         self.seed = seed
         self.per_item_seeds = per_item_seeds
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        self.skip = 0
+        self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -155,14 +176,16 @@ class EpochSampler(Sampler[int | tuple[int, int]]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        skip, self.skip = self.skip, 0
+        offset, self.offset = self.offset, 0
+        rest = order[offset:]
+        mine = rest[self.rank : len(rest) - len(rest) % self.num_replicas : self.num_replicas]
         if not self.per_item_seeds:
-            return iter(order[skip:])
+            return iter(mine)
         epoch = self.epoch  # seeds drawn lazily: an epoch of a large archive would otherwise hash every index up front
-        return ((index, sample_seed(self.seed, epoch, index)) for index in order[skip:])
+        return ((index, sample_seed(self.seed, epoch, index)) for index in mine)
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.num_replicas
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -175,10 +198,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ResumableLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in Lightning checkpoints (the ``_Stateful`` protocol).
 
-    It counts the batches it has handed out; on load, the sampler skips the batches the interrupted run had
-    already trained on. (Lightning's fetcher does not hold a batch in advance when it saves a step checkpoint:
-    every batch handed out was trained on; tests/test_training.py checks this against an uninterrupted run.)
+    It counts the batches it has handed out; on load, the sampler skips the items the interrupted run had already
+    trained on, on all its processes (so a run may resume on another number of them). (Lightning's fetcher does not
+    hold a batch in advance when it saves a step checkpoint: every batch handed out was trained on;
+    tests/test_training.py and tests/test_ddp.py check this against an uninterrupted run.)
     """
+
+    sampler: EpochSampler
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -191,13 +217,16 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "handed_out": self.handed_out}
+        return {"epoch": self.sampler.epoch, "handed_out": self.handed_out, "batches": len(self),
+                "batch_size": self.batch_size or 1, "num_replicas": self.sampler.num_replicas}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        trained = state["handed_out"]
-        if trained < len(self):
-            self.sampler.set_epoch(state["epoch"])
-            self.sampler.skip = trained * (self.batch_size or 1)
+        if state["handed_out"] >= state.get("batches", len(self)):
+            return  # the epoch was complete: Lightning starts the next one
+        # checkpoints written before the loader recorded its process count and batch size came from one process
+        per_process = state["handed_out"] * state.get("batch_size", self.batch_size or 1)
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.offset = per_process * state.get("num_replicas", 1)
 
 
 class SkippedSamplesCallback(L.Callback):

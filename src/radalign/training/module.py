@@ -148,12 +148,25 @@ class PretrainModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        # Every process was seeded alike (the same initial weights everywhere); from here each draws its own
+        # dropout masks and augmentations, as one process on the whole batch would. Rank 0 keeps the run's seed, so
+        # one process trains exactly as before. A resume then restores each rank's own generators.
+        if stage == "fit" and self.trainer.world_size > 1:
+            L.seed_everything(self.config.trainer.seed + self.trainer.global_rank, workers=True, verbose=False)
+
     # -- checkpoint state -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # called on every rank (only global rank 0 writes): the generators of all of them go into the file
+        states = [rng_state()]
+        if self.trainer.world_size > 1:
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, rng_state())
         checkpoint["radalign"] = {
             "started_stages": sorted(self._started_stages),
             "optimizer_start_step": self._optimizer_start_step,
-            "rng": rng_state(),
+            "rng": states[0],
+            "rng_per_rank": states,
             "manifest_sha256": self.manifest_sha256,
         }
 
@@ -161,8 +174,16 @@ class PretrainModule(L.LightningModule):
         state = checkpoint.get("radalign", {})
         self._started_stages = set(state.get("started_stages", []))
         self._optimizer_start_step = int(state.get("optimizer_start_step", 0))
-        if "rng" in state:  # dropout and anything else on the global generators continues as if never stopped
-            set_rng_state(state["rng"])
+        # dropout and anything else on the global generators continues as if never stopped, on every rank
+        per_rank = state.get("rng_per_rank") or ([state["rng"]] if "rng" in state else [])
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if rank < len(per_rank):  # a rank the checkpoint did not know keeps the seed setup() gave it
+            set_rng_state(per_rank[rank])
+        if per_rank and len(per_rank) != world and rank == 0:
+            get_logger().warning(
+                f"the checkpoint was written by {len(per_rank)} process(es), this run has {world}: the data order "
+                "continues exactly, the random draws (dropout, augmentation) of the added or removed processes do not"
+            )
 
 
 def rng_state() -> dict[str, Any]:

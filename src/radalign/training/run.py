@@ -132,6 +132,7 @@ def _quiet_lightning(config: PretrainConfig) -> None:
 
 
 def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    from lightning.pytorch.accelerators import CUDAAccelerator
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -144,7 +145,7 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback]
         all_callbacks.append(_progress_bar())
     all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     all_callbacks += callbacks or []
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=out,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs if t.max_epochs is not None else (-1 if t.max_steps > 0 else 1),
@@ -162,10 +163,18 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback]
         enable_progress_bar=t.progress,
         enable_model_summary=False,
         enable_checkpointing=False,  # RunCheckpoints saves; Lightning's own saver would add a second, unchecked copy
+        use_distributed_sampler=False,  # the datamodule shards (EpochSampler): a wrapped sampler cannot resume
         logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
         callbacks=all_callbacks,
         num_sanity_val_steps=0,
     )
+    if t.sync_batchnorm and trainer.world_size > 1 and not isinstance(trainer.accelerator, CUDAAccelerator):
+        raise ConfigError(
+            f"trainer.sync_batchnorm: true needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation, and this "
+            f"run has {trainer.world_size} processes on {type(trainer.accelerator).__name__}. Set "
+            "--trainer.sync_batchnorm false for CPU runs (each process then normalises with its own batch)"
+        )
+    return trainer
 
 
 def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
@@ -235,14 +244,14 @@ def pretrain(
         log.info(f"resuming from {ckpt_path}")
     elif not resume and rank_zero_only.rank == 0:  # under DDP every rank runs this; one moves the files
         set_aside(folder)
+    _quiet_lightning(config)
+    trainer = build_trainer(config, out, callbacks)  # before anything is written: it checks the trainer settings
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    _quiet_lightning(config)
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
     module = PretrainModule(config, method, manifest_sha256=manifest_sha256)
-    trainer = build_trainer(config, out, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     export_dir = export(method, config, out / "export", tokenizer=data.tokenizer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
