@@ -142,8 +142,9 @@ class EpochSampler(Sampler[int | tuple[int, int]]):
     """Shuffles with a permutation seeded by (seed, epoch), so the order of any epoch can be re-created, and shares
     it out among ``num_replicas`` processes (DDP): process ``rank`` takes every ``num_replicas``-th item.
 
-    radalign shards the training data itself rather than letting Lightning wrap this sampler: a wrapped sampler
-    neither sees ``set_epoch`` (every epoch would repeat the first one's order) nor can skip into an epoch. Every
+    radalign shards the training data itself rather than letting Lightning wrap this sampler: the wrapper reshuffles
+    what this sampler yields and cannot skip into an epoch, so a resumed DDP run replayed its epoch from the start
+    (tests/test_ddp.py). Every
     process gets the same number of items; the few left over (fewer than ``num_replicas``) sit the epoch out, which
     changes with the shuffle, instead of being repeated: a repeated sample would be its own false negative in a
     gathered contrastive batch.
