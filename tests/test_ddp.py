@@ -16,14 +16,14 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_toy_run.py")
 
 
-def _run(manifest: Path, run: Path, record: Path, *args: str, expect: int = 0) -> list[dict]:
+def _run(manifest: Path, run: Path, record: Path, *args: str, expect: int = 0) -> tuple[list[dict], str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(manifest), str(run), str(record), *args],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert done.returncode == expect, done.stderr[-4000:]
-    return [json.loads((record / f"rank-{r}.json").read_text()) for r in range(2)]
+    return [json.loads((record / f"rank-{r}.json").read_text()) for r in range(2)], done.stdout + done.stderr
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -49,8 +49,8 @@ def test_sync_batchnorm_on_cpu_processes_is_refused_before_anything_is_written(s
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_sync_batchnorm_normalises_with_the_statistics_of_both_processes(simulated_manifest, tmp_path):
-    ranks = _run(simulated_manifest, tmp_path / "run", tmp_path / "record", "--sync-batchnorm", "--steps", "2",
-                 "--accelerator", "gpu")  # fmt: skip
+    ranks, _ = _run(simulated_manifest, tmp_path / "run", tmp_path / "record", "--sync-batchnorm", "--steps", "2",
+                    "--accelerator", "gpu")  # fmt: skip
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     assert {r["norm_type"] for r in ranks} == {"SyncBatchNorm"}
     own = [torch.tensor(r["batch_means"][-1]) for r in ranks]  # each rank's last batch: BatchNorm's input mean
@@ -64,10 +64,13 @@ def test_a_ddp_run_killed_mid_epoch_resumes_every_rank_where_it_was(simulated_ma
     """Six steps of batch 4 per rank cross an epoch (28 training samples: three steps an epoch); the run dies at
     step 2 (os._exit on both ranks: no teardown). Resumed, each rank trains on the samples, with the random
     draws, it would have had, and the weights end bit for bit equal to the uninterrupted run's."""
-    straight = _run(simulated_manifest, tmp_path / "straight", tmp_path / "r-straight", "--steps", "6")
-    killed = _run(simulated_manifest, tmp_path / "resumed", tmp_path / "r-killed", "--steps", "6", "--stop-at", "2",
-                  expect=17)  # fmt: skip
-    resumed = _run(simulated_manifest, tmp_path / "resumed", tmp_path / "r-resumed", "--steps", "6")
+    straight, output = _run(simulated_manifest, tmp_path / "straight", tmp_path / "r-straight", "--steps", "6")
+    killed, _ = _run(simulated_manifest, tmp_path / "resumed", tmp_path / "r-killed", "--steps", "6",
+                     "--stop-at", "2", expect=17)  # fmt: skip
+    resumed, _ = _run(simulated_manifest, tmp_path / "resumed", tmp_path / "r-resumed", "--steps", "6")
+    assert output.count("export in") == 1  # one process writes the shared export (and says so)
+    assert sorted(p.name for p in (tmp_path / "straight").iterdir()) == ["checkpoints", "config.yaml", "export",
+                                                                         "logs"]  # fmt: skip
     for rank in range(2):
         assert len(straight[rank]["seen"]) == 6 * 4
         assert killed[rank]["seen"] + resumed[rank]["seen"] == straight[rank]["seen"], rank

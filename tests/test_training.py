@@ -418,15 +418,99 @@ def test_a_damaged_checkpoint_of_a_later_step_is_moved_aside_and_never_costs_a_g
     assert (folder / "damaged" / "step-00000009.ckpt").is_file()
 
 
-def test_a_fresh_start_keeps_the_earlier_checkpoints_aside(simulated_manifest, tmp_path):
+def test_a_fresh_start_keeps_the_earlier_run_aside(simulated_manifest, tmp_path):
     from radalign.training.run import pretrain
 
     run = tmp_path / "run"
     pretrain(toy_config(simulated_manifest), run)
-    pretrain(toy_config(simulated_manifest), run, resume=False)
+    other = toy_config(simulated_manifest)
+    other.optim.lr = 3e-2
+    pretrain(other, run, resume=False)
     superseded = list((run / "checkpoints" / "superseded").glob("*/step-00000006.ckpt"))
     assert len(superseded) == 1
+    kept = superseded[0].parent  # the earlier run's record travels with its checkpoints
+    assert "lr: 0.01" in (kept / "config.yaml").read_text() and (kept / "export" / "model.safetensors").is_file()
     assert (run / "checkpoints" / "step-00000006.ckpt").is_file()
+    assert "lr: 0.03" in (run / "config.yaml").read_text()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` -> (size, mtime in ns): what 'nothing was rewritten' compares."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def test_a_finished_run_run_again_says_so_and_rewrites_nothing(simulated_manifest, tmp_path, caplog):
+    from radalign.training.run import pretrain
+
+    run = tmp_path / "run"
+    first = pretrain(toy_config(simulated_manifest), run)
+    assert not first.already_complete
+    before = _snapshot(run)
+    caplog.set_level("INFO")
+    again = pretrain(toy_config(simulated_manifest), run)
+    assert again.already_complete and again.steps == 6 and again.export == first.export
+    assert "is already complete: 6 of 6 steps" in caplog.text and "raise --trainer.max_steps" in caplog.text
+    assert _snapshot(run) == before  # no new log version, no re-export, config.yaml untouched
+
+    # a changed batch size is refused before anything is written, even though the run is complete
+    bigger = toy_config(simulated_manifest)
+    bigger.loader.batch_size = 8
+    with pytest.raises(ConfigError, match=r"loader\.batch_size: 4 -> 8"):
+        pretrain(bigger, run)
+    assert _snapshot(run) == before
+
+
+def test_another_method_pointed_at_a_run_folder_is_refused_before_writing(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    run = tmp_path / "run"
+    pretrain(toy_config(simulated_manifest), run)
+    before = _snapshot(run)
+    other = toy_config(simulated_manifest)
+    other.objectives["norm"]["weight"] = 0.5
+    with pytest.raises(ConfigError, match=r"refused to resume .*objectives\.norm\.weight: 0\.0 -> 0\.5"):
+        pretrain(other, run)
+    assert _snapshot(run) == before
+    # without checkpoints (deleted, or never written) config.yaml still names the run the folder holds
+    for path in (run / "checkpoints").glob("step-*"):
+        path.unlink()
+    before = _snapshot(run)
+    with pytest.raises(ConfigError, match=r"refused to write into .*another run.*--resume false"):
+        pretrain(other, run)
+    assert _snapshot(run) == before
+
+
+def test_a_resume_with_allowed_changes_records_them_beside_the_original_config(simulated_manifest, tmp_path):
+    from radalign.training.run import pretrain
+
+    run = tmp_path / "run"
+    with pytest.raises(_Killed):
+        pretrain(toy_config(simulated_manifest), run, callbacks=[_KillAt(4)])
+    original = (run / "config.yaml").read_text()
+    changed = toy_config(simulated_manifest)
+    changed.optim.lr = 3e-2
+    pretrain(changed, run, allow_config_change=True)
+    assert (run / "config.yaml").read_text() == original
+    assert "lr: 0.03" in (run / "config.resumed-step00000003.yaml").read_text()
+    assert '"lr": 0.03' in (run / "export" / "config.json").read_text()  # the export says what it ended with
+
+
+def test_the_export_is_written_whole_and_readable_by_colleagues(simulated_manifest, tmp_path):
+    import os
+    import stat
+
+    from radalign.training.run import pretrain
+
+    previous = os.umask(0o022)
+    try:
+        result = pretrain(toy_config(simulated_manifest), tmp_path / "run")
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((result.export / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((tmp_path / "run" / "config.yaml").stat().st_mode) == 0o644
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no staging left over
 
 
 def test_resuming_with_a_changed_config_or_manifest_is_refused(simulated_manifest, tmp_path, caplog):

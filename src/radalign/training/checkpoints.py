@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from radalign.utils.files import fsync_dir, write_atomic
 from radalign.utils.logging import get_logger
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -39,35 +41,13 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder; the rename is still atomic, just not yet durable
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def commit_checkpoint(written: Path, final: Path) -> None:
     """Make the fully written ``written`` (in ``final``'s folder) the checkpoint ``final``: flush, checksum, rename."""
     with written.open("rb+") as f:
         os.fsync(f.fileno())
-    _write_durably(final.with_name(final.name + ".sha256"), f"{sha256_of(written)}  {final.name}\n".encode())
+    write_atomic(final.with_name(final.name + ".sha256"), f"{sha256_of(written)}  {final.name}\n".encode())
     os.replace(written, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -129,16 +109,18 @@ def resumable_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def set_aside(folder: Path) -> Path | None:
-    """A fresh start in a folder with checkpoints moves them to ``superseded/<time>/`` rather than deleting them."""
+def set_aside(folder: Path, also: Sequence[Path] = ()) -> Path | None:
+    """A fresh start in a folder with checkpoints moves them, and the files in ``also`` (the earlier run's
+    config.yaml and export), to ``superseded/<time>/`` rather than deleting them."""
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    files += [p for p in also if p.exists()]
     if not files:
         return None
     target = folder / "superseded" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
         os.replace(path, target / path.name)
-    get_logger().info(f"starting afresh: the earlier checkpoints are kept in {target}")
+    get_logger().info(f"starting afresh: the earlier run's checkpoints and files are kept in {target}")
     return target
 
 

@@ -7,6 +7,8 @@ model needs none of the training stack.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +16,31 @@ import torch
 
 from radalign.errors import ConfigError
 from radalign.training.config import PretrainConfig
+from radalign.utils.files import publish_folder, share_file
 
 EXPORT_FORMAT = 1
 
 
 def export(method: torch.nn.Module, config: PretrainConfig, folder: Path, tokenizer: Any = None) -> Path:
-    """Weights as safetensors + the config as JSON (+ the tokenizer): everything ``radalign.load`` needs."""
+    """Weights as safetensors + the config as JSON (+ the tokenizer): everything ``radalign.load`` needs.
+
+    Written whole into a sibling folder and renamed into place, so a reader (or a kill) never meets half an export;
+    files get the mode the umask asks for. Call it from one process (under DDP: global rank 0).
+    """
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    staged = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    save_file(_dedupe_shared(state), folder / "model.safetensors", metadata={"format": str(EXPORT_FORMAT)})
+    save_file(_dedupe_shared(state), staged / "model.safetensors", metadata={"format": str(EXPORT_FORMAT)})
+    share_file(staged / "model.safetensors")
     payload = {"format": EXPORT_FORMAT, "config": config.to_dict()}
-    (folder / "config.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (staged / "config.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder / "tokenizer")
+        tokenizer.save_pretrained(staged / "tokenizer")
+    publish_folder(staged, folder)
     return folder
 
 

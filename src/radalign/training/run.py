@@ -30,6 +30,7 @@ from radalign.training.checkpoints import RunCheckpoints, resumable_checkpoint, 
 from radalign.training.config import RESUMABLE_CHANGES, PretrainConfig, config_changes, resolve_precision
 from radalign.training.export import export
 from radalign.training.module import PretrainModule
+from radalign.utils.files import write_atomic
 from radalign.utils.logging import get_logger
 
 
@@ -40,6 +41,7 @@ class RunResult:
     checkpoint: Path | None
     steps: int
     metrics: dict[str, float]
+    already_complete: bool = False  # nothing was trained or written: the run had finished before
 
 
 def _progress_bar() -> L.Callback:
@@ -192,29 +194,84 @@ def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return {
         "config": (state.get("hyper_parameters") or {}).get("config"),
         "manifest_sha256": (state.get("radalign") or {}).get("manifest_sha256"),
+        "global_step": int(state.get("global_step", 0)),
     }
 
 
-def _check_resumable(path: Path, config: PretrainConfig, manifest_sha256: str, allow_changes: bool) -> None:
+def _check_resumable(
+    path: Path, meta: dict[str, Any], config: PretrainConfig, manifest_sha256: str, allow_changes: bool
+) -> dict[str, tuple[Any, Any]]:
     """A resume must continue the run that wrote the checkpoint: the same config (bar RESUMABLE_CHANGES) and the
-    same manifest content. Otherwise config.yaml and the export would claim values the early steps never used."""
-    meta = _read_checkpoint_meta(path)
-    changes = config_changes(meta["config"], config.to_dict()) if meta["config"] is not None else {}
-    changes = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    same manifest content. Otherwise config.yaml and the export would claim values the early steps never used.
+    Returns every change (the allowed ones included), so the caller can record them."""
+    every = config_changes(meta["config"], config.to_dict()) if meta["config"] is not None else {}
+    changes = {k: v for k, v in every.items() if k not in RESUMABLE_CHANGES}
     if meta["manifest_sha256"] not in (None, manifest_sha256):
         was, now = meta["manifest_sha256"], manifest_sha256
         changes["loader.manifest (its content)"] = (f"sha256 {was[:12]}…", f"sha256 {now[:12]}…")
     if not changes:
-        return
+        return every
     listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
     if allow_changes:
         get_logger().warning(f"resuming {path} with changed settings, as asked: {listed}")
-        return
+        return {**every, **changes}
     raise ConfigError(
         f"refused to resume from {path}: this command changes what the run trains with ({listed}). Run with the "
         "settings the run started with (its config.yaml), write to a new --out folder, or pass "
         "--allow-config-change true to continue with the new values deliberately"
     )
+
+
+def _completed(out: Path, step: int, config: PretrainConfig) -> RunResult | None:
+    """A run whose newest checkpoint reached ``trainer.max_steps`` and whose export exists is done: say so and
+    leave it as it is (re-exporting would rewrite a finished run's files)."""
+    target = config.trainer.max_steps
+    if target <= 0 or step < target or not (out / "export" / "model.safetensors").is_file():
+        return None
+    newest = resumable_checkpoint(out / "checkpoints")
+    get_logger().info(
+        f"run {out} is already complete: {step} of {target} steps, export in {out / 'export'}. To train it longer, "
+        "raise --trainer.max_steps (the run resumes); to start again, pass --resume false or a new --out"
+    )
+    return RunResult(out, out / "export", newest, step, {}, already_complete=True)
+
+
+def _refuse_foreign_run(out: Path, config: PretrainConfig) -> None:
+    """A folder whose config.yaml names another run, with no checkpoint to resume, is not this run's to overwrite."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    import yaml
+
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return
+    changes = {k: v for k, v in config_changes(recorded, config.to_dict()).items() if k not in RESUMABLE_CHANGES}
+    if not changes:
+        return
+    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changes.items())[:8])
+    more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+    raise ConfigError(
+        f"refused to write into {out}: it holds another run (its config.yaml differs: {listed}{more}) and no "
+        "checkpoint to resume. Write to a new --out folder, or pass --resume false to start afresh there (the "
+        "earlier config.yaml and export are kept in checkpoints/superseded/)"
+    )
+
+
+def _record_config(out: Path, config: PretrainConfig, resumed_step: int | None, changes: dict[str, Any]) -> None:
+    """config.yaml is what the run started with and is never rewritten; a resume with changed settings records
+    the new config beside it, named for the step it took effect."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if resumed_step is None or not (out / "config.yaml").is_file():
+        write_atomic(out / "config.yaml", text)
+    elif changes:
+        write_atomic(out / f"config.resumed-step{resumed_step:08d}.yaml", text)
 
 
 def pretrain(
@@ -225,10 +282,14 @@ def pretrain(
     allow_config_change: bool = False,
     callbacks: list[L.Callback] | None = None,
 ) -> RunResult:
-    """Pre-train ``config.method`` on ``config.loader.manifest``; resumes from the newest valid checkpoint in
-    ``out/checkpoints/`` (``resume=False`` moves earlier checkpoints to ``checkpoints/superseded/`` instead)."""
-    import yaml
+    """Pre-train ``config.method`` on ``config.loader.manifest`` into ``out``.
 
+    Resumes from the newest valid checkpoint in ``out/checkpoints/`` when its config matches (bar
+    ``RESUMABLE_CHANGES``, or any change with ``allow_config_change``); returns at once, touching nothing, when that
+    checkpoint already reached ``trainer.max_steps``. ``resume=False`` moves the earlier checkpoints, config.yaml
+    and export to ``checkpoints/superseded/<time>/`` and starts afresh. ``out/config.yaml`` is the config the run
+    started with and is never rewritten.
+    """
     out = Path(out)
     if config.loader.manifest is None:
         raise ConfigError("no training data: set loader.manifest (CLI: --data MANIFEST)")
@@ -238,23 +299,38 @@ def pretrain(
     manifest_sha256 = sha256_of(manifest)
     folder = out / "checkpoints"
     log = get_logger()
+    first_process = rank_zero_only.rank == 0  # under DDP every process runs this function; one writes shared files
     ckpt_path = resumable_checkpoint(folder) if resume else None
+    changes: dict[str, tuple[Any, Any]] = {}
+    resumed_step: int | None = None
     if ckpt_path is not None:
-        _check_resumable(ckpt_path, config, manifest_sha256, allow_config_change)
+        meta = _read_checkpoint_meta(ckpt_path)
+        resumed_step = meta["global_step"]
+        changes = _check_resumable(ckpt_path, meta, config, manifest_sha256, allow_config_change)
+        done = _completed(out, meta["global_step"], config)
+        if done is not None:
+            return done
         log.info(f"resuming from {ckpt_path}")
-    elif not resume and rank_zero_only.rank == 0:  # under DDP every rank runs this; one moves the files
-        set_aside(folder)
+    elif not resume:
+        if first_process:
+            set_aside(folder, also=(out / "config.yaml", out / "export"))
+    else:
+        _refuse_foreign_run(out, config)
     _quiet_lightning(config)
     trainer = build_trainer(config, out, callbacks)  # before anything is written: it checks the trainer settings
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    if first_process:
+        _record_config(out, config, resumed_step, changes)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
     module = PretrainModule(config, method, manifest_sha256=manifest_sha256)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    export_dir = export(method, config, out / "export", tokenizer=data.tokenizer)
+    export_dir = out / "export"
+    if trainer.is_global_zero:  # one writer of the shared export, written whole and renamed into place
+        export(method, config, export_dir, tokenizer=data.tokenizer)
+    trainer.strategy.barrier("radalign-export")  # no process returns an export that is not there yet
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    log.info(f"run {out}: {trainer.global_step} steps; export in {export_dir}")
+    if trainer.is_global_zero:
+        log.info(f"run {out}: {trainer.global_step} steps; export in {export_dir}")
     newest = next((c.newest for c in trainer.callbacks if isinstance(c, RunCheckpoints)), None)  # type: ignore[attr-defined]
     return RunResult(out, export_dir, newest, trainer.global_step, metrics)
