@@ -139,3 +139,36 @@ def test_pretrain_without_data_names_the_missing_option(tmp_path, capsys):
         main(["pretrain", "--config", str(find_config("clip-tiny")), "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2 and "data" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_exits_1_when_a_task_failed_after_writing_the_others(tiny_export, eval_manifest, tmp_path, caplog):
+    import json
+
+    overrides = '{"image_size": 64, "bootstrap": 0, "tasks.zero_shot.findings": ["no_such_finding"]}'
+    with pytest.raises(SystemExit) as exit_:  # the plain --tasks form, comma-separated
+        main(["evaluate", "--model", str(tiny_export), "--data", str(eval_manifest), "--out", str(tmp_path / "r"),
+              "--tasks", "zero_shot,retrieval", "--overrides", overrides])  # fmt: skip
+    assert exit_.value.code == 1 and "1 of 2 tasks failed (zero_shot)" in caplog.text
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert "no_such_finding" in results["tasks"]["zero_shot"]["error"]
+    assert "i2t_R@1" in results["tasks"]["retrieval"]["metrics"]
+
+
+def test_a_misspelled_task_parameter_is_refused_before_anything_runs(tiny_export, eval_manifest, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", str(tiny_export), "--data", str(eval_manifest), "--out", str(tmp_path / "r"),
+              "--tasks", "retrieval", "--overrides", '{"tasks.zero_shot.temperatur": 0.1}'])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown parameter 'temperatur' (did you mean 'temperature'?)" in err
+    assert not (tmp_path / "r").exists()  # nothing ran, nothing was written
+
+
+def test_a_shipped_config_name_is_taken_where_a_path_is_and_unknown_options_say_so_briefly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--config", "clip-tiny", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and f"manifest {tmp_path / 'none.csv'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--config", "clip-tiny", "--data", "m.csv", "--out", str(tmp_path), "--optim.lrr", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--optim.lrr" in err and "did you mean --optim.lr?" in err
+    assert len(err.strip().splitlines()) <= 3  # no usage block of every option above the error

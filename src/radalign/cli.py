@@ -7,6 +7,7 @@ names it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -270,13 +271,25 @@ def evaluate(
         overrides: Protocol overrides by dotted key, e.g. '{"seeds": [0], "tasks.linear_probe.epochs": 5}'.
         device: cpu, cuda or cuda:N.
         data_root: Files the manifest names must lie under this folder (default: the manifest's folder).
+
+    Exit status: 0 every task ran, 1 a task failed (the others' results are written; the message says why), 2 the
+    model, protocol, data or an override is unusable (nothing ran), 3 radalign itself failed (a bug).
     """
     from radalign.evaluation.run import evaluate as run_evaluate
+    from radalign.utils.logging import get_logger
 
     if data_root is not None:
         overrides = {**(overrides or {}), "data_root": str(data_root)}
 
-    run_evaluate(model, protocol, out, data=data, cache_dir=cache, overrides=overrides, tasks=tasks, device=device)
+    results = run_evaluate(model, protocol, out, data=data, cache_dir=cache, overrides=overrides, tasks=tasks,
+                           device=device)  # fmt: skip
+    failed = [name for name, task in results["tasks"].items() if "error" in task]
+    if failed:
+        get_logger().error(
+            f"{len(failed)} of {len(results['tasks'])} tasks failed ({', '.join(failed)}); the others' results are in "
+            f"{Path(out) / 'results.json'}"
+        )
+        sys.exit(1)
 
 
 def compare(runs: list[Path], out: Path | None = None) -> None:
@@ -336,6 +349,57 @@ def _listed_runs(args: list[str]) -> list[str]:
     return [json.dumps(args[:count]), *args[count:]]
 
 
+def _named_config(args: list[str]) -> list[str]:
+    """``--config clip-tiny`` -> the shipped file's path, as ``evaluate --protocol quick`` takes a name."""
+    from radalign.training.config import find_config
+
+    result = list(args)
+    for i, arg in enumerate(result[:-1]):
+        if arg == "--config" and not Path(result[i + 1]).exists():
+            with contextlib.suppress(RadalignError):  # not a shipped name either: the parser says it is missing
+                result[i + 1] = str(find_config(result[i + 1]))
+    return result
+
+
+def _plain_lists(args: list[str], options: tuple[str, ...] = ("--tasks",)) -> list[str]:
+    """``--tasks zero_shot`` or ``--tasks zero_shot,retrieval`` -> ``--tasks '["zero_shot", "retrieval"]'``."""
+    import json
+
+    result = list(args)
+    for i, arg in enumerate(result[:-1]):
+        value = result[i + 1]
+        if arg in options and not value.lstrip().startswith("["):
+            result[i + 1] = json.dumps([v.strip() for v in value.split(",") if v.strip()])
+    return result
+
+
+def _parser_class():
+    """jsonargparse's parser with errors that fit on a screen: the message, a close option name if there is one,
+    and where to look, instead of a usage block of every option (70 lines for pretrain) above the error."""
+    import difflib
+    import re
+
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            parser = getattr(ex, "subcommand_parser", None) or self
+            hint = ""
+            unknown = re.search(r"unrecognized arguments: (--[\w.-]+)", message, flags=re.IGNORECASE)
+            if unknown:
+                known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+                name = unknown.group(1).split("=")[0]
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+            prog = parser.prog.replace(" [options]", "")
+            sys.stderr.write(f"radalign: error: {message}{hint}\n`{prog} --help` lists every option\n")
+            self.exit(2)
+
+    return Parser
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
@@ -361,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     # Exit status: 0 done, 1 a check found problems (data check), 2 unusable input or environment (the message says
     # what to do), 3 radalign itself failed (a bug: the traceback is for the report), 130 interrupted.
     try:
-        auto_cli(commands, args=[_underscored(arg) for arg in argv], as_positional=True)
+        args = _plain_lists(_named_config([_underscored(arg) for arg in argv]))
+        auto_cli(commands, args=args, as_positional=True, parser_class=_parser_class())
     except RadalignError as err:
         # A user-facing problem: the message says what and how to fix it; a traceback would only bury it.
         print(f"radalign: error: {err}", file=sys.stderr)

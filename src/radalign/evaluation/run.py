@@ -55,13 +55,12 @@ def evaluate(
     from radalign.data.manifest import load_manifest
     from radalign.evaluation.context import EvalContext
     from radalign.evaluation.report import write_report
-    from radalign.evaluation.tasks import task_function
+    from radalign.evaluation.tasks import check_task_params, task_function
     from radalign.inference import load
 
     log = get_logger()
     console = Console()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not isinstance(protocol, Protocol):
         protocol = load_protocol(protocol, overrides)
     if data is not None:
@@ -77,7 +76,10 @@ def evaluate(
             f"protocol {protocol.name} has no task {unknown[0]!r}; it has {[t.name for t in protocol.tasks]}"
         )
 
+    for spec in protocol.tasks:  # every task's, selected or not: a misspelled override is a mistake either way
+        check_task_params(spec)
     encoder = load(model, device=device)
+    out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(protocol.data, on_error="skip", decode=False, data_root=protocol.data_root)
     ctx = EvalContext(encoder, protocol, manifest.records, out, vocabulary=manifest.vocabulary, device=device,
                       progress=progress)  # fmt: skip

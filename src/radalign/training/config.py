@@ -224,8 +224,12 @@ def check_options(where: str, given: dict[str, Any], defaults: dict[str, Any], e
     names it and lists the valid ones. The one check behind method options and evaluation task parameters."""
     unknown = sorted(set(given) - set(defaults) - set(extra))
     if unknown:
+        import difflib
+
         valid = ", ".join(sorted([*defaults, *extra]))
-        raise ConfigError(f"{where}: unknown parameter {unknown[0]!r}; valid: {valid}")
+        close = difflib.get_close_matches(unknown[0], [*defaults, *extra], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: unknown parameter {unknown[0]!r}{hint}; valid: {valid}")
     return {**defaults, **{k: v for k, v in given.items() if k in defaults}}
 
 
