@@ -70,3 +70,33 @@ def test_load_error_paths_name_the_problem(tiny_export, tmp_path):
     payload["config"]["ema"]["modules"] = ["image_head"]
     (export / "config.json").write_text(json.dumps(payload))
     assert radalign.load(export).encode_images(torch.zeros(1, 1, 64, 64)).shape[0] == 1
+
+
+def test_encode_images_refuses_input_that_would_embed_wrongly_and_prepares_files(tiny_export, eval_manifest):
+    import radalign
+    from radalign.data.manifest import load_manifest
+    from radalign.errors import ConfigError
+    from radalign.evaluation.context import EvalContext
+    from radalign.evaluation.protocol import load_protocol
+
+    model = radalign.load(tiny_export)
+    wrong = {
+        "not str; model.prepare_images": str(eval_manifest),
+        r"values in \[0, 1\]: untransformed": torch.rand(2, 1, 64, 64),
+        "got torch.uint8 pixels": torch.zeros(2, 1, 64, 64, dtype=torch.uint8),
+        r"add the batch dimension, images\[None\]": torch.randn(1, 64, 64),
+        r"got shape \(2, 3, 64, 64\)": torch.randn(2, 3, 64, 64),
+        r"values in \[0, 255\]: raw pixel values": torch.arange(2 * 64 * 64.0).reshape(2, 1, 64, 64) % 256,
+    }
+    for message, images in wrong.items():
+        with pytest.raises(ConfigError, match=message):
+            model.encode_images(images)
+
+    # files -> prepare_images -> the same embeddings as the evaluation suite's loader at the training size
+    records = load_manifest(eval_manifest).records
+    test = [r for r in records if r.split == "test"][:3]
+    prepared = model.prepare_images([r.image_path for r in test])
+    assert prepared.shape == (3, 1, 64, 64) and prepared.min() < 0
+    protocol = load_protocol("quick", {"image_size": 64, "batch_size": 3})
+    ctx = EvalContext(model, protocol, test, Path("unused"), vocabulary=load_manifest(eval_manifest).vocabulary)
+    torch.testing.assert_close(model.encode_images(prepared), ctx.embedded("test", text=False).images)

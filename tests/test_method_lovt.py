@@ -169,7 +169,7 @@ def test_short_pretrain_exports_a_loadable_model_with_locals(simulated_manifest,
     result = pretrain(config, tmp_path / "run")
     assert result.steps == 5
     model = load(result.export)
-    images = torch.rand(3, 1, 64, 64)
+    images = torch.rand(3, 1, 64, 64) * 4 - 2  # the range of normalised radiographs
     emb = model.encode_images(images)
     assert emb.shape == (3, 128)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))

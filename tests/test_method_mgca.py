@@ -116,7 +116,7 @@ def test_stage_switches_the_prototype_loss_on_and_the_export_embeds(simulated_ma
     metrics = pd.read_csv(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")
     assert metrics["train/prototype"].notna().sum() >= 6 and metrics["train/stage"].notna().any()
     model = load(result.export)
-    images = model.encode_images(torch.rand(2, 1, 64, 64))
+    images = model.encode_images(torch.rand(2, 1, 64, 64) * 4 - 2)
     texts = model.encode_texts(["Small left pleural effusion.", "No pneumothorax."])
     assert images.shape == texts.shape == (2, config.model.embed_dim)
     torch.testing.assert_close(texts.norm(dim=1), torch.ones(2))

@@ -23,6 +23,64 @@ class Encoder:
         self.method = method.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
+        loader = method.config.loader
+        self.modality = loader.modality
+        self.image_size = loader.image_size
+        self.volume_size = tuple(loader.volume_size)
+        self.volume_spacing_mm = tuple(loader.volume_spacing_mm)
+
+    @property
+    def transform(self) -> Any:
+        """The evaluation transform at the training size (pad to square, resize, normalise; for CT: resample,
+        crop or pad, HU window): what ``encode_images`` expects its input to have been through."""
+        from radalign.data import transforms
+
+        if self.modality == "ct":
+            return transforms.build_volume_transform(self.volume_size, spacing_mm=self.volume_spacing_mm, train=False)
+        return transforms.build_image_transform("none", self.image_size, train=False)
+
+    def prepare_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """Image files (DICOM, PNG/JPEG/TIFF, NIfTI, a DICOM series folder) -> the batch ``encode_images`` takes."""
+        import numpy as np
+
+        from radalign.data.io import read_image
+
+        transform, batch = self.transform, []
+        for path in paths:
+            image = read_image(path, expect=self.modality)
+            tensor = torch.from_numpy(np.ascontiguousarray(image.array, dtype=np.float32))[None]
+            batch.append(transform(tensor, image.spacing))
+        return torch.stack(batch)
+
+    def _check_images(self, images: Any) -> None:
+        """Wrong input embeds wrongly without a sound; say what came in and what is expected instead."""
+        from radalign.data.transforms import IMAGE_MEAN, IMAGE_STD
+
+        ndim = 5 if self.modality == "ct" else 4
+        shape = "(N, 1, D, H, W) volumes" if ndim == 5 else "(N, 1, H, W) radiographs"
+        how = "model.prepare_images([paths...]) reads and transforms files"
+        if not isinstance(images, torch.Tensor):
+            raise ConfigError(
+                f"encode_images takes a tensor of transformed {shape}, not {type(images).__name__}; {how}"
+            )
+        if images.ndim != ndim or images.shape[1] != 1:
+            extra = " (one image: add the batch dimension, images[None])" if images.ndim == ndim - 1 else ""
+            raise ConfigError(f"encode_images expects {shape}; got shape {tuple(images.shape)}{extra}; {how}")
+        if not images.is_floating_point():
+            raise ConfigError(f"encode_images got {images.dtype} pixels, not transformed images; {how}")
+        if images.numel() and ndim == 4:
+            low, high = float(images.min()), float(images.max())
+            if low >= 0.0 and high <= 1.0:
+                raise ConfigError(
+                    "encode_images got values in [0, 1]: untransformed pixels (the model was trained on "
+                    f"(x - {IMAGE_MEAN}) / {IMAGE_STD}, which puts a radiograph's dark background below 0); apply "
+                    f"model.transform to each (1, H, W) image, or {how}"
+                )
+            if high > 50.0 or low < -50.0:
+                raise ConfigError(
+                    f"encode_images got values in [{low:.0f}, {high:.0f}]: raw pixel values, not transformed "
+                    f"images; {how}"
+                )
 
     @property
     def device(self) -> torch.device:
@@ -34,7 +92,10 @@ class Encoder:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """(N, 1, H, W) radiographs (or (N, 1, D, H, W) volumes), already transformed -> (N, D) on the CPU."""
+        """(N, 1, H, W) radiographs (or (N, 1, D, H, W) volumes) through ``transform`` -> (N, D) on the CPU.
+
+        ``prepare_images(paths)`` builds that batch from files; raw pixels, a path or a wrong shape are refused."""
+        self._check_images(images)
         chunks = [
             self.method.encode_images(images[i : i + batch_size].to(self.device)).float().cpu()
             for i in range(0, len(images), batch_size)
