@@ -71,6 +71,23 @@ def test_data_check_passes_on_good_data_and_fails_with_exit_1_on_bad_rows(simula
     assert "missing.png" in capsys.readouterr().out
 
 
+def test_data_check_warns_when_sectioning_drops_most_of_the_reports(simulated, tmp_path, capsys):
+    table = pd.read_csv(simulated / "manifest.csv")
+    body = table["report"].str.replace("FINDINGS:", "").str.replace("IMPRESSION:", "")  # a header it does not know
+    table["report"] = "HISTORY: Cough.\nSTUDY NOTES: " + body + "\nCONCLUSION: Stable."
+    odd = simulated / "odd-headers.csv"
+    table.to_csv(odd, index=False)
+    capsys.readouterr()
+    main(["data", "check", str(odd), "--json_out", str(tmp_path / "summary.json")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "6 of 6 reports (100%) keep less than half" in out and "'STUDY NOTES' (6)" in out
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert summary["reports_mostly_dropped"] == 6 and summary["unknown_headers"] == {"STUDY NOTES": 6}
+    capsys.readouterr()
+    main(["data", "check", str(simulated / "manifest.csv")])
+    assert "keep less than half" not in capsys.readouterr().out
+
+
 def test_prepare_caches_every_image_and_reuses_them(simulated, tmp_path):
     cache = tmp_path / "cache"
     main(["prepare", "--data", str(simulated / "manifest.csv"), "--out", str(cache), "--size", "32", "--workers", "1"])

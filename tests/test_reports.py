@@ -107,6 +107,8 @@ def test_unheaded_text_is_the_preamble_and_final_report_joins_it():
         ("Clinical  History", "INDICATION"),
         ("Examination", "EXAMINATION"), ("RECOMMENDATIONS", "RECOMMENDATION"), ("Technique", "TECHNIQUE"),
         ("NOTIFICATION", "NOTIFICATION"), ("Comparison", "COMPARISON"), ("WET READ", "WET READ"),
+        ("REPORT", "FINDINGS"), ("Results", "FINDINGS"), ("SUMMARY", "IMPRESSION"), ("Interpretation", "IMPRESSION"),
+        ("CLINICAL DETAILS", "INDICATION"), ("Procedure", "TECHNIQUE"), ("END OF IMPRESSION", "END OF IMPRESSION"),
     ],
 )  # fmt: skip
 def test_synonyms_map_to_canonical_keys(header, key):
@@ -484,3 +486,16 @@ def test_real_iu_reports_split_as_read(iu_parsed, uid):
 def test_real_iu_impressions_split_as_read(iu_reports, uid):
     report = next(r for r in iu_reports if r.uid == uid)
     assert split_sentences(clean_text(report.sections["IMPRESSION"])) == IU_EXPECTED_IMPRESSION[uid]
+
+
+def test_a_hospital_export_keeps_its_findings_and_unknown_headers_are_named():
+    from radalign.data.reports import kept_share, parse_report, unknown_headers
+
+    text = "CLINICAL HISTORY: Cough.\nREPORT: The heart is enlarged. Small left effusion. No pneumothorax.\n" \
+           "CONCLUSION: Cardiomegaly."  # fmt: skip
+    report = parse_report(text)
+    assert report.sentences == ["The heart is enlarged.", "Small left effusion.", "No pneumothorax.", "Cardiomegaly."]
+    assert report.sentence_sections == ["FINDINGS"] * 3 + ["IMPRESSION"]
+    other = parse_report("HISTORY: Cough.\nSTUDY NOTES: The heart is enlarged. Small effusion.\nCONCLUSION: Big heart.")
+    assert other.sentences == ["Big heart."] and kept_share(other) < 0.5  # the notes count as history
+    assert unknown_headers(other.raw) == ["STUDY NOTES"]

@@ -12,12 +12,15 @@ Sections (:func:`extract_sections`)
   and must be written in capitals, or in title case right after ``. ! ? ; :``; so prose such as "the following
   findings:" stays text. Unknown headers (MIMIC's "PA AND LATERAL VIEWS OF THE CHEST:") stay in the text of
   the section they appear in: nothing is dropped.
-- Synonyms map to one canonical key: CONCLUSION(S) and OPINION -> IMPRESSION; HISTORY, CLINICAL HISTORY,
-  CLINICAL INDICATION/INFORMATION, REASON FOR EXAM(INATION)/STUDY -> INDICATION; EXAM -> EXAMINATION;
-  RECOMMENDATIONS -> RECOMMENDATION. A combined "FINDINGS AND IMPRESSION" (or ``/``, ``&``) section goes to
-  FINDINGS only, so the default FINDINGS + IMPRESSION selection reads it once.
-- Text before the first header goes to ``PREAMBLE``. MIMIC-CXR's "FINAL REPORT" title is a header that maps
-  to PREAMBLE too, so a WET READ before it ends there and unheaded text after it is kept.
+- Synonyms map to one canonical key: REPORT, RESULT(S), OBSERVATIONS, DESCRIPTION -> FINDINGS; CONCLUSION(S),
+  OPINION, SUMMARY, INTERPRETATION, DIAGNOSIS, ASSESSMENT -> IMPRESSION; HISTORY, CLINICAL HISTORY/DETAILS/NOTES,
+  CLINICAL INDICATION/INFORMATION, REASON FOR EXAM(INATION)/STUDY/REFERRAL -> INDICATION; PROCEDURE, PROTOCOL ->
+  TECHNIQUE; EXAM -> EXAMINATION; RECOMMENDATIONS -> RECOMMENDATION (the full list: ``SECTION_SYNONYMS``).
+  A combined "FINDINGS AND IMPRESSION" (or ``/``, ``&``) section goes to FINDINGS only, so the default
+  FINDINGS + IMPRESSION selection reads it once.
+- Text before the first header goes to ``PREAMBLE``. MIMIC-CXR's "FINAL REPORT" title (and CheXpert-Plus's
+  NARRATIVE) is a header that maps to PREAMBLE too, so a WET READ before it ends there and unheaded text after
+  it is kept.
 - A header that appears again (or two synonyms) concatenates its texts, in reading order, as paragraphs.
   Keys are in order of first appearance. Lines of only ``_``, ``=``, ``-`` or ``*`` (4 or more) are separators.
 
@@ -80,19 +83,30 @@ from radalign.errors import DataError
 PLACEHOLDER = "___"
 PREAMBLE = "PREAMBLE"
 
+# MIMIC-CXR, IU X-ray, CheXpert-Plus (its section_* columns) and the spellings of typical hospital exports
+# (docs/data.md, "Report sections"); a header not listed stays text of the section it appears in.
 SECTION_SYNONYMS: dict[str, str] = {
     "FINDINGS": "FINDINGS", "FINDING": "FINDINGS",
     "FINDINGS AND IMPRESSION": "FINDINGS", "FINDINGS/IMPRESSION": "FINDINGS", "FINDINGS & IMPRESSION": "FINDINGS",
+    "REPORT": "FINDINGS", "RESULT": "FINDINGS", "RESULTS": "FINDINGS", "OBSERVATIONS": "FINDINGS",
+    "DESCRIPTION": "FINDINGS", "REPORT TEXT": "FINDINGS",
     "IMPRESSION": "IMPRESSION", "IMPRESSIONS": "IMPRESSION", "CONCLUSION": "IMPRESSION",
-    "CONCLUSIONS": "IMPRESSION", "OPINION": "IMPRESSION",
+    "CONCLUSIONS": "IMPRESSION", "OPINION": "IMPRESSION", "SUMMARY": "IMPRESSION", "INTERPRETATION": "IMPRESSION",
+    "DIAGNOSIS": "IMPRESSION", "ASSESSMENT": "IMPRESSION",
     "INDICATION": "INDICATION", "INDICATIONS": "INDICATION", "CLINICAL INDICATION": "INDICATION",
     "HISTORY": "INDICATION", "CLINICAL HISTORY": "INDICATION", "CLINICAL INFORMATION": "INDICATION",
     "REASON FOR EXAM": "INDICATION", "REASON FOR EXAMINATION": "INDICATION", "REASON FOR STUDY": "INDICATION",
-    "TECHNIQUE": "TECHNIQUE", "COMPARISON": "COMPARISON", "COMPARISONS": "COMPARISON",
+    "CLINICAL DETAILS": "INDICATION", "CLINICAL NOTES": "INDICATION", "CLINICAL QUESTION": "INDICATION",
+    "REASON FOR REFERRAL": "INDICATION", "REFERRAL REASON": "INDICATION",
+    "TECHNIQUE": "TECHNIQUE", "PROCEDURE": "TECHNIQUE", "PROTOCOL": "TECHNIQUE",
+    "PROCEDURE COMMENTS": "TECHNIQUE",
+    "COMPARISON": "COMPARISON", "COMPARISONS": "COMPARISON", "PRIOR STUDIES": "COMPARISON",
     "EXAMINATION": "EXAMINATION", "EXAM": "EXAMINATION",
     "RECOMMENDATION": "RECOMMENDATION", "RECOMMENDATIONS": "RECOMMENDATION",
     "NOTIFICATION": "NOTIFICATION", "WET READ": "WET READ", "ADDENDUM": "ADDENDUM",
-    "FINAL REPORT": PREAMBLE,
+    "END OF IMPRESSION": "END OF IMPRESSION",  # CheXpert-Plus: sign-off text after it is not the impression
+    "ACCESSION NUMBER": "ACCESSION NUMBER",
+    "FINAL REPORT": PREAMBLE, "NARRATIVE": PREAMBLE,
 }  # fmt: skip
 
 
@@ -339,6 +353,21 @@ def split_sentences(text: str) -> list[str]:
     """Rule-based sentence splitting (see the module docstring). List numbering is removed first, and list items
     and blank lines end sentences; on :func:`clean_text` output it only cuts, so no character is lost."""
     return _split(_mark_boundaries(text))
+
+
+def kept_share(report: Report) -> float:
+    """The share of a report's words (all its sections) that its sentences keep: what training reads of it."""
+    total = sum(len(text.split()) for text in report.sections.values())
+    return sum(len(s.split()) for s in report.sentences) / total if total else 1.0
+
+
+_HEADER_LIKE = re.compile(r"^[ \t]*([A-Z][A-Z /&-]{1,38}[A-Z])[ \t]*:", re.MULTILINE)
+
+
+def unknown_headers(raw: str) -> list[str]:
+    """Capitalised ``NAME:`` at line starts that are not in ``SECTION_SYNONYMS``: candidates for a header the
+    sectioning does not know (``data check`` lists the common ones)."""
+    return [m.group(1) for m in _HEADER_LIKE.finditer(raw) if " ".join(m.group(1).split()) not in SECTION_SYNONYMS]
 
 
 def parse_report(

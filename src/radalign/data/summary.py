@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from radalign.data.manifest import Manifest, problem_counts
-from radalign.data.reports import parse_report
+from radalign.data.reports import kept_share, parse_report, unknown_headers
 
 
 @dataclass
@@ -24,6 +25,15 @@ class Summary:
     report_words: dict[str, float]
     reports_missing: int
     problems: Counter[str] = field(default_factory=Counter)
+    # reports whose training text (FINDINGS + IMPRESSION) keeps under half their words, and the capitalised
+    # "NAME:" headers in them that sectioning does not know, most common first
+    reports_mostly_dropped: int = 0
+    unknown_headers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped_share(self) -> float:
+        with_report = self.records - self.reports_missing
+        return self.reports_mostly_dropped / with_report if with_report else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +45,8 @@ class Summary:
             "report_sentences": self.report_sentences,
             "report_words": self.report_words,
             "reports_missing": self.reports_missing,
+            "reports_mostly_dropped": self.reports_mostly_dropped,
+            "unknown_headers": self.unknown_headers,
             "problems": dict(self.problems),
         }
 
@@ -51,15 +63,23 @@ def _stats(values: list[int]) -> dict[str, float]:
     }
 
 
-def summarize(manifest: Manifest) -> Summary:
-    sentences, words, missing = [], [], 0
+# data check warns when more than this share of the reports lose most of their words to sectioning
+DROPPED_WARNING = 0.2
+
+
+def summarize(manifest: Manifest, report_sections: Sequence[str] = ("FINDINGS", "IMPRESSION")) -> Summary:
+    sentences, words, missing, dropped = [], [], 0, 0
+    headers: Counter[str] = Counter()
     for record in manifest.records:
-        report = parse_report(record.report) if record.report else None
+        report = parse_report(record.report, sections=report_sections) if record.report else None
         if report is None or report.is_empty:
             missing += 1
             continue
         sentences.append(len(report.sentences))
         words.append(sum(len(s.split()) for s in report.sentences))
+        if kept_share(report) < 0.5:
+            dropped += 1
+            headers.update(set(unknown_headers(report.raw)))
     labels = {}
     for name in manifest.vocabulary:
         values = Counter(record.labels.get(name) for record in manifest.records)
@@ -79,6 +99,8 @@ def summarize(manifest: Manifest) -> Summary:
         report_words=_stats(words),
         reports_missing=missing,
         problems=problem_counts(manifest.problems),
+        reports_mostly_dropped=dropped,
+        unknown_headers=dict(headers.most_common(5)),
     )
 
 
@@ -113,6 +135,17 @@ def print_summary(manifest: Manifest, summary: Summary, *, show_problems: int = 
         lengths.add_row(title, *(f"{stats[k]:g}" for k in ("min", "median", "p95", "max")))
     console.print(lengths)
     console.print(f"records without a report: {summary.reports_missing}")
+    if summary.dropped_share > DROPPED_WARNING:
+        known = ", ".join(f"{name!r} ({n})" for name, n in summary.unknown_headers.items())
+        console.print(
+            f"[bold yellow]warning[/bold yellow]: {summary.reports_mostly_dropped} of "
+            f"{summary.records - summary.reports_missing} reports ({summary.dropped_share:.0%}) keep less than half "
+            "their words in the training text (the FINDINGS and IMPRESSION sections)"
+            + (f"; headers radalign does not know: {known}" if known else "")
+            + ". Rename those headers to FINDINGS / IMPRESSION, or choose the sections with loader.report_sections "
+            "(docs/data.md, 'Report sections')",
+            markup=True, highlight=False,
+        )  # fmt: skip
     if manifest.problems:
         console.print(f"[bold red]{len(manifest.problems)} problems[/bold red] (rows left out):")
         for kind, count in summary.problems.most_common():
