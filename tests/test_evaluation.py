@@ -237,3 +237,32 @@ def test_a_methods_local_score_is_added_to_the_global_one(eval_context, monkeypa
     for k, finding in enumerate(prompts):
         sign = np.sign(float(local[finding][0][0] - local[finding][1][0]))
         assert np.all(np.sign(shifted[:, k] - plain[:, k]) == sign)
+
+
+def test_zero_shot_and_segmentation_fail_fast_without_labels_or_regions(eval_manifest, tiny_export, tmp_path):
+    """No labels: zero-shot says so instead of printing n/a for every finding; no regions: segmentation says so
+    instead of training a head on empty masks and reporting dice nan."""
+    import pandas as pd
+
+    from radalign.data.manifest import load_manifest
+    from radalign.errors import DataError
+    from radalign.evaluation.context import EvalContext
+    from radalign.evaluation.protocol import load_protocol
+    from radalign.evaluation.segmentation import run_segmentation
+    from radalign.evaluation.zero_shot import run_zero_shot
+    from radalign.inference import load
+
+    table = pd.read_csv(eval_manifest)
+    bare = eval_manifest.with_name(f"bare-{tmp_path.name}.csv")  # beside the original: its paths are relative
+    table.drop(columns=[c for c in table.columns if c.startswith("label_")] + ["regions"]).to_csv(bare, index=False)
+    try:
+        manifest = load_manifest(bare)
+        protocol = load_protocol("quick", {"image_size": 64, "seeds": [0], "bootstrap": 0, "batch_size": 16})
+        ctx = EvalContext(load(tiny_export), protocol, manifest.records, tmp_path, vocabulary=manifest.vocabulary)
+        with pytest.raises(DataError, match=r"zero_shot: the test split has no 0/1 label for any of"):
+            run_zero_shot(ctx, TaskSpec("zero_shot"))
+        spec = TaskSpec("segmentation", params={"findings": ["pleural_effusion"], "epochs": 1})
+        with pytest.raises(DataError, match=r"none of \['pleural_effusion'\] has a mask or box in the train split"):
+            run_segmentation(ctx, spec)
+    finally:
+        bare.unlink()

@@ -49,6 +49,25 @@ def test_reads_records_with_labels_views_and_metadata(folder):
     assert [r.id for r in manifest.split("val")] == ["r2"]
 
 
+def test_chexpert_named_columns_are_labels_and_a_near_miss_spelling_gets_a_note(folder):
+    rows = good_rows()
+    for row, (cardio, finding) in zip(rows, (("1.0", "0.0"), ("-1.0", "1.0")), strict=True):
+        row.update({"Cardiomegaly": cardio, "No Finding": finding, "label_cardiomegally": "1", "Sex": "F"})
+    manifest = load_manifest(write_csv(folder, rows))
+    assert manifest.vocabulary == ("pleural_effusion", "edema", "cardiomegally", "cardiomegaly", "no_finding")
+    r1, r2 = manifest.records
+    assert r1.labels["cardiomegaly"] == 1 and r2.labels["cardiomegaly"] == -1 and r2.labels["no_finding"] == 1
+    assert r1.metadata == {"Sex": "F"}  # not a CheXpert observation: metadata, as before
+    notes = " ".join(manifest.notes)
+    assert "'label_cardiomegally' is a finding of its own" in notes and "did you mean label_cardiomegaly?" in notes
+    assert "'Cardiomegaly', 'No Finding' read as labels" in notes
+    # a label_ column wins over the CheXpert spelling of the same finding, which then stays metadata
+    for row in rows:
+        row["label_cardiomegaly"] = "0"
+    manifest = load_manifest(write_csv(folder, rows))
+    assert manifest.records[1].labels["cardiomegaly"] == 0 and manifest.records[1].metadata["Cardiomegaly"] == "-1.0"
+
+
 def test_parquet_round_trip_keeps_everything(folder):
     manifest = load_manifest(write_csv(folder, good_rows()))
     out = write_manifest(manifest.records, folder / "copy.parquet")

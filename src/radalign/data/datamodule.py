@@ -62,6 +62,10 @@ class RadDataModule(L.LightningDataModule):
         )
         if self.manifest.problems:
             self._log_problems()
+        for note in self.manifest.notes:
+            from radalign.utils.logging import get_logger
+
+            get_logger().warning(f"manifest {c.manifest}: {note}")
         vocabulary = c.vocabulary or self.manifest.vocabulary
         cache = PreparedCache(c.cache_dir) if c.cache_dir is not None else None
         wanted = Modality.parse(c.modality)

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import pandas as pd
 
 from radalign.data.schema import (
+    CHEXPERT_FINDINGS,
+    DEFAULT_FINDINGS,
     Modality,
     Record,
     Region,
@@ -76,6 +78,7 @@ class Manifest:
     records: list[Record]
     vocabulary: tuple[str, ...]
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about columns: likely misspellings, labels read by spelling
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
@@ -223,8 +226,8 @@ def load_manifest(
         )
     if "modality" not in table.columns:
         raise DataError(f"manifest {path} has no 'modality' column; add one with xray, ct or mr per row")
-    label_columns = [c for c in table.columns if c.startswith(LABEL_PREFIX)]
-    vocabulary = check_vocabulary(c[len(LABEL_PREFIX) :] for c in label_columns)
+    label_columns, notes = label_columns_of(table.columns)
+    vocabulary = check_vocabulary(label_columns.values())
 
     problems: list[Problem] = []
     records: list[Record] = []
@@ -269,7 +272,44 @@ def load_manifest(
             continue
         records.append(record)  # type: ignore[arg-type]
     records = _drop_leaks(path, records, seen_ids, held_out, in_train, problems, on_error)
-    return Manifest(path=path, records=records, vocabulary=vocabulary, problems=problems)
+    return Manifest(path=path, records=records, vocabulary=vocabulary, problems=problems, notes=notes)
+
+
+def label_columns_of(columns: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Column -> finding of every label column, and notes on the ones a user probably did not mean.
+
+    ``label_<finding>`` columns are labels. So are columns spelled as CheXpert's and MIMIC-CXR's label files spell
+    them (``Cardiomegaly``, ``Pleural Effusion``, ``No Finding``) when no ``label_`` column names that finding: a
+    CheXpert table then works as it is. A ``label_`` finding that is not a known one but close to one
+    (``label_cardiomegally``) is still a finding of its own, with a note asking whether the known one was meant.
+    """
+    import difflib
+
+    labels = {c: finding_key(c[len(LABEL_PREFIX) :]) for c in columns if str(c).startswith(LABEL_PREFIX)}
+    notes: list[str] = []
+    for column, name in labels.items():
+        if name not in DEFAULT_FINDINGS:
+            close = difflib.get_close_matches(name, DEFAULT_FINDINGS, n=1, cutoff=0.8)
+            if close:
+                notes.append(
+                    f"column {column!r} is a finding of its own, {name!r}: did you mean {LABEL_PREFIX}{close[0]}? "
+                    "(rename the column if so; zero-shot prompts and protocols know only the known spelling)"
+                )
+    taken = set(labels.values())
+    chexpert = {}
+    for column in columns:
+        if str(column).startswith(LABEL_PREFIX) or column in KNOWN_COLUMNS:
+            continue
+        key = finding_key(column) if str(column).strip() else ""
+        if key in CHEXPERT_FINDINGS and key not in taken:
+            chexpert[column] = key
+            taken.add(key)
+    if chexpert:
+        notes.append(
+            f"columns {', '.join(repr(c) for c in chexpert)} read as labels (the CheXpert / MIMIC-CXR spelling of "
+            f"{', '.join(LABEL_PREFIX + k for k in chexpert.values())})"
+        )
+    return {**labels, **chexpert}, notes
 
 
 PATIENT_COLUMNS = ("patient", "patient_id", "subject_id")  # radalign's simulator, common exports, MIMIC
@@ -317,7 +357,12 @@ def _outside(path: Path, root: Path) -> bool:
 
 
 def _parse_row(
-    row: dict[str, Any], row_number: int, base: Path, root: Path, label_columns: list[str], problems: list[Problem]
+    row: dict[str, Any],
+    row_number: int,
+    base: Path,
+    root: Path,
+    label_columns: dict[str, str],
+    problems: list[Problem],
 ) -> Record | None:
     cells = {k: _cell(v) for k, v in row.items()}
     images = _image_paths(row.get("image"), base)
@@ -360,8 +405,7 @@ def _parse_row(
     if split not in SPLITS:
         bad("bad value", f"unknown split {split!r}; use one of {list(SPLITS)}", "split")
     labels: dict[str, int] = {}
-    for column in label_columns:
-        name = finding_key(column[len(LABEL_PREFIX) :])
+    for column, name in label_columns.items():
         try:
             value = parse_label_value(row.get(column), finding=name)
         except DataError as err:
@@ -386,7 +430,7 @@ def _parse_row(
         regions_path = Path(regions) if Path(regions).is_absolute() else base / regions
         if not contained(regions_path, "regions"):
             regions_path = None
-    metadata = {k: v for k, v in cells.items() if k not in KNOWN_COLUMNS and not k.startswith(LABEL_PREFIX)}
+    metadata = {k: v for k, v in cells.items() if k not in KNOWN_COLUMNS and k not in label_columns}
     if problems and problems[-1].row == row_number:
         return None
     return Record(

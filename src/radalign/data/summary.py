@@ -111,6 +111,8 @@ def print_summary(manifest: Manifest, summary: Summary, *, show_problems: int = 
 
     console = Console()
     console.print(f"[bold]{manifest.path}[/bold]: {summary.records} usable records")
+    for note in manifest.notes:
+        console.print(f"[bold yellow]note[/bold yellow]: {note}", highlight=False)
     counts = Table(title="Records")
     counts.add_column("by")
     counts.add_column("value")

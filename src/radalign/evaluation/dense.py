@@ -69,9 +69,17 @@ def select_findings(
         if unknown:
             valid = ", ".join(vocabulary)
             raise ConfigError(f"{task}: finding {unknown[0]!r} is not in the protocol's findings; valid: {valid}")
+        if not set(requested) & set(present):
+            raise DataError(
+                f"{task}: none of {list(requested)} has a mask or box in the train split, so a head would train on "
+                "nothing; give the manifest a 'regions' column (docs/data.md) or choose findings that have regions"
+            )
         return list(requested)
     if not present:
-        raise DataError(f"{task}: no finding of the vocabulary has targets in the train split; nothing to learn")
+        raise DataError(
+            f"{task}: no finding has a mask or box in the train split, so there is nothing to learn; give the "
+            "manifest a 'regions' column (docs/data.md)"
+        )
     return [f for f in vocabulary if f in present]
 
 

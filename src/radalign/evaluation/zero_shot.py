@@ -224,6 +224,13 @@ def run_zero_shot(ctx: Any, spec: Any) -> Any:
 
         raise ConfigError(f"zero_shot: none of the findings {params['findings']} is a label of the manifest")
     labels = embedded.labels[:, [embedded.vocabulary.index(f) for f in findings]]
+    if not np.isin(labels, (0.0, 1.0)).any():
+        from radalign.errors import DataError
+
+        raise DataError(
+            f"zero_shot: the test split has no 0/1 label for any of {findings}, so no AUROC can be computed; add "
+            "label_<finding> columns (or CheXpert-named ones) to the manifest, or label the reports first"
+        )
     prompts = prompt_set(findings, params)
     local = _local_scores(ctx, prompts) if params["local_weight"] else None
     scores = score_images(embedded.images, ctx.model.encode_texts, prompts, params["temperature"],
