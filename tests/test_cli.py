@@ -189,3 +189,19 @@ def test_a_shipped_config_name_is_taken_where_a_path_is_and_unknown_options_say_
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--optim.lrr" in err and "did you mean --optim.lr?" in err
     assert len(err.strip().splitlines()) <= 3  # no usage block of every option above the error
+
+
+def test_evaluate_device_follows_pretrain_s_rule_and_a_missing_gpu_is_a_message(tiny_export, tmp_path, capsys):
+    import torch
+
+    from radalign.inference import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the missing-GPU message cannot be shown")
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", str(tiny_export), "--data", "m.csv", "--out", str(tmp_path / "r"),
+              "--device", "cuda"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no CUDA device is visible on this machine" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,16 @@ def test_skipped_callback_stops_a_run_that_skips_too_much():
 def test_datamodule_without_manifest_is_a_config_error():
     with pytest.raises(ConfigError, match="--data"):
         RadDataModule(DataConfig())
+
+
+def test_a_cache_smaller_than_the_training_size_is_refused_not_upsampled(tiny_manifest, tmp_path):
+    records = load_manifest(tiny_manifest).records
+    prepare_cache(records, tmp_path / "cache", CacheSettings(size=24), workers=1, progress=False)
+    config = DataConfig(manifest=tiny_manifest, cache_dir=tmp_path / "cache", image_size=32, tokenizer=None,
+                        require_report=False, on_error="skip")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"resized to 24 px .* 32 px are asked for.*--size 32"):
+        RadDataModule(config).setup("fit")
+    RadDataModule(dataclasses.replace(config, image_size=24)).setup("fit")  # its own size is fine
 
 
 def test_cache_is_reused_and_invalidated_when_the_source_changes(tiny_manifest, tmp_path):

@@ -635,3 +635,32 @@ def test_bf16_mixed_precision_trains_a_step_on_the_cpu(simulated_manifest, tmp_p
     assert result.steps == 2 and math.isfinite(result.metrics["train/loss"])
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert weights["encoder.2.weight"].dtype == torch.float32  # mixed precision keeps float32 master weights
+
+
+def test_validation_runs_every_tenth_of_the_run_and_a_manifest_without_val_trains_without_it(
+    simulated_manifest, tmp_path, caplog
+):
+    import csv
+
+    import pandas as pd
+
+    from radalign.training.run import pretrain
+
+    # batch 32 of 28 training samples: one batch an epoch, where per-epoch validation ran after every step
+    config = toy_config(simulated_manifest, max_steps=20, log_every_n_steps=1)
+    config.loader.batch_size = 32
+    pretrain(config, tmp_path / "run")
+    with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:
+        validated = [int(row["step"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    assert len(validated) == 10, validated
+
+    table = pd.read_csv(simulated_manifest)
+    no_val = simulated_manifest.with_name(f"no-val-{tmp_path.name}.csv")
+    table[table["split"] != "val"].to_csv(no_val, index=False)
+    try:
+        caplog.set_level("INFO")
+        other = toy_config(no_val)
+        assert pretrain(other, tmp_path / "no-val").steps == 6
+        assert "no 'xray' records in the 'val' split: training runs without validation" in caplog.text
+    finally:
+        no_val.unlink()

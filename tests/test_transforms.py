@@ -144,6 +144,16 @@ def test_eval_pads_to_square_keeping_the_aspect_ratio() -> None:
     assert out[:10].max() < 0.01 and out[30:].max() < 0.01  # the zero bands above and below
 
 
+def test_the_prior_preset_pads_a_landscape_film_as_evaluation_does() -> None:
+    # an 8 x 8 marker on a 40 x 80 film: padded to 80 x 80 and halved it is 4 x 4 (the affine turns it 5 deg at most)
+    image = torch.zeros(1, 40, 80)
+    image[:, 8:16, 56:64] = 1.0
+    torch.manual_seed(0)
+    train = unit(build_image_transform("prior", 40, hflip=False)(image))[0] > 0.5
+    rows, cols = train.any(dim=1).sum(), train.any(dim=0).sum()
+    assert abs(int(rows) - int(cols)) <= 1 and rows <= 6  # square, halved (a stretch would make it 8 x 4)
+
+
 def test_non_square_target_pads_to_its_aspect() -> None:
     image = torch.ones(1, 30, 30)
     out = unit(build_image_transform("none", (20, 40), train=False)(image))[0]

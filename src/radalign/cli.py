@@ -254,7 +254,7 @@ def evaluate(
     cache: Path | None = None,
     tasks: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     data_root: Path | None = None,
 ) -> None:
     """Evaluate a pre-trained model under a named protocol; writes OUT/results.json and OUT/report.md.
@@ -269,7 +269,7 @@ def evaluate(
         cache: A `radalign prepare` cache of that manifest (faster image loading).
         tasks: Run only these tasks of the protocol, e.g. [zero_shot, retrieval].
         overrides: Protocol overrides by dotted key, e.g. '{"seeds": [0], "tasks.linear_probe.epochs": 5}'.
-        device: cpu, cuda or cuda:N.
+        device: auto (a GPU when one is visible, else the CPU, as pretrain decides), cpu, cuda or cuda:N.
         data_root: Files the manifest names must lie under this folder (default: the manifest's folder).
 
     Exit status: 0 every task ran, 1 a task failed (the others' results are written; the message says why), 2 the

@@ -132,8 +132,33 @@ class Encoder:
         return torch.cat(chunks) if chunks else torch.empty(0)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> the GPU when one is visible, else the CPU (the rule pre-training's accelerator follows too);
+    a CUDA device that is not there is an error that says so, not a traceback from deep inside torch."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r}: no CUDA device is visible on this machine (torch.cuda.is_available() is "
+                "False); use --device cpu, or auto to take a GPU only when there is one"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
-    """Load an export folder (``<run>/export``) or a run folder that contains one."""
+    """Load an export folder (``<run>/export``) or a run folder that contains one, onto ``device`` (``auto``: a GPU
+    when one is visible)."""
+    device = resolve_device(device)
     from safetensors.torch import load_file
 
     from radalign.data.tokenization import load_tokenizer

@@ -167,6 +167,17 @@ class PreparedCache:
         self.stale = 0
         self.damaged = 0
 
+    def check_covers(self, image_size: int, where: str) -> None:
+        """A 2D cache resized below the size asked for would be upsampled: blurrier images under the same name."""
+        from radalign.errors import ConfigError
+
+        if self.settings.size < image_size:
+            raise ConfigError(
+                f"{where}: the cache {self.root} holds radiographs resized to {self.settings.size} px (short side) and "
+                f"{image_size} px are asked for, so every image would be upsampled. Prepare a cache at that size "
+                f"(`radalign prepare --data MANIFEST --out CACHE --size {image_size}`), or leave the cache out"
+            )
+
     def get(self, record: Record, index: int = 0) -> Image | None:
         entry = self.entries.get(f"{record.id}#{index}")
         if entry is None:

@@ -69,6 +69,8 @@ class RadDataModule(L.LightningDataModule):
         vocabulary = c.vocabulary or self.manifest.vocabulary
         cache = PreparedCache(c.cache_dir) if c.cache_dir is not None else None
         wanted = Modality.parse(c.modality)
+        if cache is not None and wanted is Modality.XRAY:
+            cache.check_covers(c.image_size, "loader.cache_dir")
         augment = build_sentence_augment(c)
         for split in ("train", "val", "test"):
             records = [r for r in self.manifest.split(split) if r.modality == wanted]
@@ -85,6 +87,13 @@ class RadDataModule(L.LightningDataModule):
                 cache=cache,
                 image_choice=c.image_choice if train else "first",
                 on_error=c.on_error,
+            )
+        if not self.datasets["val"].records and stage in (None, "fit"):
+            from radalign.utils.logging import get_logger
+
+            get_logger().info(
+                f"manifest {c.manifest}: no '{c.modality}' records in the 'val' split: training runs without "
+                "validation (rows with split=val give a validation loss to watch)"
             )
         if not self.datasets["train"].records and stage in (None, "fit"):
             raise DataError(
@@ -135,7 +144,13 @@ class RadDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.datasets["val"].records:
+            import warnings
+
+            # setup() said it in radalign's words; Lightning's "Total length ... is zero" would only puzzle
+            warnings.filterwarnings("ignore", message=r"Total length of `\w+` across ranks is zero")
+            return []
         return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:

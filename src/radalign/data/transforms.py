@@ -8,7 +8,8 @@ the evaluation pipeline, whatever the preset.
   (0.6, 1), default aspect range 3/4-4/3), horizontal flip p=0.5, RandomAffine(20 deg, translate 0.1, scale
   0.95-1.05, bilinear, zero fill), brightness and contrast jitter factors in (0.6, 1.4) (contrast blends with the
   image mean, which is well defined for one channel), GaussianBlur sigma (0.1, 3.0) px.
-- ``prior`` (PRIOR): resize to size (aspect not kept), RandomAffine(5 deg, bilinear), horizontal flip p=0.5.
+- ``prior`` (PRIOR): pad to square and resize to size (PRIOR's code stretches instead; padding keeps the geometry
+  evaluation uses), RandomAffine(5 deg, bilinear), horizontal flip p=0.5.
 - ``none``: the evaluation pipeline; no flip unless ``hflip=True`` is asked for.
 - evaluation (``train=False``): zero-pad evenly to the target aspect ratio (square for an int size; LoVT's
   validation), then resize. Padding rather than stretching keeps the anatomy's proportions.
@@ -113,7 +114,9 @@ def _convirt(size: tuple[int, int], hflip: bool) -> list[Step]:
 
 
 def _prior(size: tuple[int, int], hflip: bool) -> list[Step]:
-    return [v2.Resize(size, antialias=True), v2.RandomAffine(degrees=5, interpolation=_BILINEAR), *_flip(hflip)]
+    # PRIOR's code resizes without keeping the aspect; evaluation pads to square first, so training does too:
+    # one geometry for a film in training and evaluation (docs/methods/prior.md)
+    return [*_eval_steps(size), v2.RandomAffine(degrees=5, interpolation=_BILINEAR), *_flip(hflip)]
 
 
 def _none(size: tuple[int, int], hflip: bool) -> list[Step]:
@@ -135,7 +138,7 @@ class ImagePreset:
 
 IMAGE_PRESETS: dict[str, ImagePreset] = {
     "convirt": ImagePreset(_convirt, True, "ConVIRT/LoVT: resized crop, flip, affine, jitter, blur"),
-    "prior": ImagePreset(_prior, True, "PRIOR: resize (aspect not kept), affine 5 deg, flip"),
+    "prior": ImagePreset(_prior, True, "PRIOR: pad to square, resize, affine 5 deg, flip"),
     "none": ImagePreset(_none, False, "no augmentation: pad to square, resize"),
 }
 

@@ -105,7 +105,10 @@ class EvalContext:
         from radalign.data.cache import PreparedCache
 
         if self.protocol.cache_dir and "cache" not in self._cache:
-            self._cache["cache"] = PreparedCache(self.protocol.cache_dir)  # its index is read once, not per dataset
+            cache = PreparedCache(self.protocol.cache_dir)  # its index is read once, not per dataset
+            if not self.is_3d:
+                cache.check_covers(self.protocol.image_size, f"protocol {self.protocol.name}")
+            self._cache["cache"] = cache
         cache = self._cache.get("cache")
         return RadDataset(
             self.records[role],

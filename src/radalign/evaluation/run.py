@@ -41,7 +41,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     tasks: Sequence[str] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the exported ``model`` under ``protocol`` (a shipped name, a YAML path or a Protocol).
@@ -78,6 +78,9 @@ def evaluate(
 
     for spec in protocol.tasks:  # every task's, selected or not: a misspelled override is a mistake either way
         check_task_params(spec)
+    from radalign.inference import resolve_device
+
+    device = str(resolve_device(device))  # before anything is loaded or written
     encoder = load(model, device=device)
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(protocol.data, on_error="skip", decode=False, data_root=protocol.data_root)

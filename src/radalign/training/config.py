@@ -102,7 +102,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
-    val_check_interval: int | float | None = None
+    val_check_interval: int | float | None = None  # batches (int) or share of an epoch; None: a tenth of max_steps
     checkpoint_every_n_steps: int = 500
     seed: int = 0
     deterministic: bool = False

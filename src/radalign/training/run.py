@@ -147,6 +147,11 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback]
         all_callbacks.append(_progress_bar())
     all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     all_callbacks += callbacks or []
+    interval = t.val_check_interval
+    if interval is None and t.max_steps > 0:
+        # every tenth of the run, counted in batches: per-epoch validation would run after every step of a small
+        # dataset (one batch an epoch) and almost never on a large one
+        interval = max(1, t.max_steps * t.accumulate_grad_batches // 10)
     trainer = L.Trainer(
         default_root_dir=out,
         max_steps=t.max_steps,
@@ -160,7 +165,8 @@ def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback]
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=t.val_check_interval,
+        val_check_interval=interval,
+        check_val_every_n_epoch=None if isinstance(interval, int) else 1,  # an int interval counts across epochs
         deterministic=t.deterministic,
         enable_progress_bar=t.progress,
         enable_model_summary=False,
