@@ -205,3 +205,30 @@ def test_evaluate_device_follows_pretrain_s_rule_and_a_missing_gpu_is_a_message(
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "no CUDA device is visible on this machine" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_pretrain_option_has_a_meaning_in_help(capsys, monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal: help text wraps, often onto the line below its option
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--help"])
+    assert exit_.value.code == 0
+    paragraphs = capsys.readouterr().out.split("\n\n")
+    description = " ".join(paragraphs[1].split())  # the paragraph after the usage block
+    assert description and not description.endswith(":"), description
+    entries: list[list[str]] = []  # an option's line, then the deeper-indented lines its help wraps onto
+    for line in "\n".join(paragraphs[2:]).splitlines():
+        if re.match(r"  -\S", line):
+            entries.append([line])
+        elif line.startswith("   ") and entries:
+            entries[-1].append(line)
+    helps = {}
+    for first, *rest in entries:
+        invocation, _, same_line = first.strip().partition("  ")  # argparse puts 2+ spaces before help
+        helps[invocation.split()[0].rstrip(",")] = " ".join(" ".join([same_line, *rest]).split())
+    dotted = {name: text for name, text in helps.items() if re.fullmatch(r"--\w+(\.\w+)+", name)}
+    assert len(dotted) > 60  # the parse found the options: every config group's keys
+    assert {"--model.image.name", "--model.text.pooling", "--optim.lr", "--trainer.seed"} <= set(dotted)
+    bare = [name for name, text in dotted.items() if not re.sub(r"\((required, )?type: .*\)$", "", text).strip()]
+    assert not bare, f"options whose help is only '(type: ..., default: ...)': {bare}"

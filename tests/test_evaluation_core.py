@@ -89,6 +89,7 @@ def test_bootstrap_edges_one_run_two_rows_one_resample_and_refused_resamples():
     from sklearn.metrics import roc_auc_score
 
     assert over_seeds([0.5]).std == 0.0 and over_seeds([0.5]).n == 1  # one run: no spread, not NaN
+    assert str(over_seeds([0.5])) == "0.500 (1 seed)"  # and none printed: "± 0.000" would claim a measured zero
     assert over_seeds([float("nan")]).n == 0
     noisy = np.random.default_rng(4).normal(size=12)  # continuous: one resample more or less moves the quantiles
     assert bootstrap(np.mean, noisy) == bootstrap(np.mean, noisy, resamples=1000, seed=0)  # the documented defaults

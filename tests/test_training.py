@@ -661,6 +661,7 @@ def test_validation_runs_every_tenth_of_the_run_and_a_manifest_without_val_train
         caplog.set_level("INFO")
         other = toy_config(no_val)
         assert pretrain(other, tmp_path / "no-val").steps == 6
+        assert f"starting toy in {tmp_path / 'no-val'}: checking {no_val}" in caplog.text  # said before start-up
         assert "no 'xray' records in the 'val' split: training runs without validation" in caplog.text
     finally:
         no_val.unlink()

@@ -200,7 +200,7 @@ def pretrain(
     loader: DataConfig = DataConfig(),  # noqa: B008
     trainer: TrainerConfig = TrainerConfig(),  # noqa: B008
 ) -> None:
-    """Pre-train a method on a manifest (docs/training.md). Start from a method config:
+    """Pre-train a method on a manifest (docs/training.md), usually from a method config given with --config.
 
         radalign pretrain --config configs/methods/clip-tiny.yaml --data sim/manifest.csv --out runs/clip
 
@@ -317,8 +317,10 @@ def compare(runs: list[Path], out: Path | None = None) -> None:
 
 
 def demo(out: Path = Path("demo_out"), n: int = 1000, steps: int = 250) -> None:
-    """Run the demo: simulate paired data from the real chest CT, pre-train CLIP on the CPU, compare with the
-    untrained model (zero-shot AUROC, retrieval) and write OUT/report.md with the loss curve.
+    """Run the demo: simulate data, pre-train CLIP on the CPU, compare it with the untrained model in OUT/report.md.
+
+    It simulates paired data from the real chest CT, pre-trains CLIP on the CPU, compares it with the untrained
+    model (zero-shot AUROC, retrieval) and writes OUT/report.md with the loss curve.
 
     Args:
         out: Folder for the demo's data, run and report (the simulated data and cache are reused).

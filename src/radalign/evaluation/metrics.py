@@ -35,7 +35,8 @@ class Metric:
         if np.isnan(self.value):
             return "n/a"
         if self.method == "seeds" and self.std is not None:
-            return f"{self.value:.3f} ± {self.std:.3f}"
+            # one run has no spread to show: "± 0.000" would claim a measured zero
+            return f"{self.value:.3f} ± {self.std:.3f}" if (self.n or 0) > 1 else f"{self.value:.3f} (1 seed)"
         if self.low is not None and self.high is not None:
             return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
         return f"{self.value:.3f}"

@@ -1,4 +1,4 @@
-"""CLIP and ConVIRT: global image-report contrast only (shared/methods/baselines.md).
+"""CLIP and ConVIRT: global image-report contrast only (docs/methods/clip.md).
 
 Both are this one class; they differ only in configuration (configs/methods/clip.yaml, convirt.yaml):
 CLIP learns its temperature (logit scale initialised at 1/0.07, clamped at 100) with equal direction weights;

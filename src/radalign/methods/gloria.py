@@ -1,4 +1,4 @@
-"""GLoRIA: global + local (word <-> region) image-report contrast (shared/methods/baselines.md, GLoRIA section).
+"""GLoRIA: global + local (word <-> region) image-report contrast (docs/methods/gloria.md).
 
 The image encoder runs once through its feature pyramid: the global feature is the average of the last map (what
 ``ImageOutput.global_emb`` is for a CNN), the local features are the map at ``model.options.local_stride`` (16:

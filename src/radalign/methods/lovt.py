@@ -1,4 +1,4 @@
-"""LoVT (Müller et al., ECCV 2022; shared/methods/lovt.md): global image-report InfoNCE plus local intra-sample
+"""LoVT (Müller et al., ECCV 2022; docs/methods/lovt.md): global image-report InfoNCE plus local intra-sample
 contrast between image regions and report sentences through a symmetric cross-attention (docs/methods/lovt.md).
 
 Objectives (unweighted here; configs/methods/lovt.yaml weights them as the paper's total):

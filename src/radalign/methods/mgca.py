@@ -1,4 +1,4 @@
-"""MGCA: multi-granularity cross-modal alignment (shared/methods/baselines.md; HKU-MedAI/MGCA).
+"""MGCA: multi-granularity cross-modal alignment (docs/methods/mgca.md; HKU-MedAI/MGCA).
 
 Three objectives, returned unweighted (the stage schedule weighs them: instance 1, token 0.7, prototype 0.5):
 

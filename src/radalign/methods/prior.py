@@ -1,4 +1,4 @@
-"""PRIOR (Cheng et al., ICCV 2023; shared/methods/prior.md): global contrast, sigmoid cross-attention local alignment,
+"""PRIOR (Cheng et al., ICCV 2023; docs/methods/prior.md): global contrast, sigmoid cross-attention local alignment,
 a sentence prototype bank and cross-modality conditional reconstruction, in three stages (docs/methods/prior.md).
 
 Objectives (unweighted here; the stage schedule in configs/methods/prior.yaml weights and switches them):

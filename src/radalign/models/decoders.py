@@ -1,6 +1,6 @@
 """Decoders for reconstruction objectives: an upsampling image decoder and a non-autoregressive query decoder.
 
-PRIOR's cross-modality conditional reconstruction uses both (shared/methods/prior.md): the image decoder turns
+PRIOR's cross-modality conditional reconstruction uses both (docs/methods/prior.md): the image decoder turns
 (dropped-out) patch features plus their sentence context back into the image, the query decoder turns patch
 features into a fixed number of sentence prototypes in one pass. Both are generic: any method that reconstructs
 an image from a feature grid, or decodes a set from a feature sequence, reuses them.

@@ -1,4 +1,4 @@
-"""PRIOR's Sentence Prototype Bank and the prototype-reconstruction losses (docs: shared/methods/prior.md).
+"""PRIOR's Sentence Prototype Bank and the prototype-reconstruction losses (docs/methods/prior.md).
 
 - :class:`SentencePrototypeBank` quantises sentence embeddings onto a learnable codebook (Gumbel-softmax in
   training, noise-free at evaluation) and returns L_SPB = mean |s^ - s|.

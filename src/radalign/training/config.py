@@ -22,7 +22,16 @@ from radalign.errors import ConfigError
 
 @dataclass
 class ImageEncoderConfig:
-    """A timm 2D backbone (``resnet18``, ``vit_small_patch16_224``, any timm name) or a MONAI 3D ResNet."""
+    """A timm 2D backbone (``resnet18``, ``vit_small_patch16_224``, any timm name) or a MONAI 3D ResNet.
+
+    Attributes:
+        name: A timm model name (ViT / DeiT / EVA names get img_size = loader.image_size), or a MONAI 3D ResNet with
+            the suffix _3d for CT volumes (resnet10_3d ... resnet200_3d).
+        pretrained: Initial weights: a local .safetensors / .pt file, or (timm only, needs network) 'timm',
+            'timm:TAG' or 'hf-hub:ORG/NAME'; null = random initialisation.
+        kwargs: Extra keyword arguments for the timm / MONAI constructor, e.g. {img_size: 128}; {spatial_dims: 3}
+            selects the 3D ResNet.
+    """
 
     name: str = "resnet18"
     pretrained: str | None = None  # a local weights file, or a hub name you ask for; never implicit
@@ -31,7 +40,19 @@ class ImageEncoderConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """A BERT-family encoder: a local folder, ``minilm`` (bundled) or a hub name; ``tiny`` = random tiny BERT."""
+    """A BERT-family encoder: a local folder, ``minilm`` (bundled) or a hub name; ``tiny`` = random tiny BERT.
+
+    Attributes:
+        name: The text model: a local transformers folder, minilm (bundled, offline), tiny (a random tiny BERT
+            sized by model.text.tiny) or a hub name (needs network).
+        freeze_embeddings: Freeze the input embeddings (no gradients into them).
+        freeze_layers: Freeze the first N transformer layers (0 = train all of them).
+        pooling: The global text embedding: cls (the [CLS] token), mean (mean over the non-padding tokens) or
+            attention (a learned attention pool over the tokens).
+        tiny: Sizes of the tiny BERT when name is tiny: hidden, layers, heads, intermediate, max_position (the
+            vocabulary size comes from the tokenizer).
+        sum_last_layers: Token features are the sum of the last N hidden layers (1 = the last layer; GLoRIA: 4).
+    """
 
     name: str = "minilm"
     freeze_embeddings: bool = False
@@ -43,6 +64,16 @@ class TextEncoderConfig:
 
 @dataclass
 class ModelConfig:
+    """Encoders, projection and embedding size.
+
+    Attributes:
+        image: A timm 2D backbone (``resnet18``, ``vit_small_patch16_224``, any timm name) or a MONAI 3D ResNet.
+        text: A BERT-family encoder: a local folder, ``minilm`` (bundled) or a hub name; ``tiny`` = random tiny BERT.
+        embed_dim: Size of the shared image-text embedding space (the projection heads' output dimension).
+        projection: The projection heads: linear (one Linear) or mlp (Linear, ReLU, Linear).
+        options: Method-specific model settings (docs/methods/<method>.md); an unknown key is an error.
+    """
+
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 512
@@ -52,7 +83,17 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay (or constant) over the run's optimiser steps."""
+    """AdamW with linear warm-up then cosine decay (or constant) over the run's optimiser steps.
+
+    Attributes:
+        lr: Peak learning rate, reached at the end of the warm-up (scaled per sub-module by lr_multipliers).
+        weight_decay: AdamW's decoupled weight decay; biases, norms and other 1-D parameters get none.
+        betas: AdamW's (beta1, beta2) moment decay rates.
+        warmup_steps: Optimiser steps of linear warm-up from lr / warmup_steps up to lr (0 = no warm-up).
+        schedule: After the warm-up: cosine (decay to min_lr_ratio x lr by the last step) or constant (lr throughout).
+        min_lr_ratio: The cosine schedule's final learning rate as a fraction of lr (0 = decay to zero).
+        lr_multipliers: Parameter-name prefix -> lr factor, e.g. {text_encoder.: 0.1}; the last matching prefix wins.
+    """
 
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -65,9 +106,22 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
-    """From ``start_step`` (or ``start_epoch``, or ``start_fraction`` of ``trainer.max_steps``) on, the objectives'
+    """A training stage: the objective weights in force from a step, an epoch or a fraction of the run on.
+
+    From ``start_step`` (or ``start_epoch``, or ``start_fraction`` of ``trainer.max_steps``) on, the objectives'
     weights are ``weights`` (missing = unchanged). A fraction keeps a schedule's proportions at any budget: the same
-    config passes through every stage in a 20-step smoke run and in a 50,000-step one."""
+    config passes through every stage in a 20-step smoke run and in a 50,000-step one.
+
+    Attributes:
+        name: The stage's name, shown in the log line that announces its start.
+        start_step: The optimiser step at which the stage begins.
+        start_epoch: The epoch (counted from 0) at which the stage begins.
+        start_fraction: The share of trainer.max_steps (0-1) after which the stage begins; needs trainer.max_steps.
+        weights: Objective name -> weight from this stage on (0 turns the objective off; missing = unchanged).
+        reset_optimizer: Recreate the optimiser and its schedule (fresh moments, a new warm-up) when the stage begins.
+        lr: With reset_optimizer: this stage's peak learning rate (null = optim.lr).
+        warmup_steps: With reset_optimizer: this stage's warm-up in optimiser steps (null = optim.warmup_steps).
+    """
 
     name: str = "main"
     start_step: int | None = None
@@ -81,7 +135,12 @@ class StageConfig:
 
 @dataclass
 class EMAConfig:
-    """Exponential-moving-average copies of sub-modules (teachers for MLIP / UniMedI)."""
+    """Exponential-moving-average copies of sub-modules (teachers for MLIP / UniMedI).
+
+    Attributes:
+        modules: Dotted names of the method's sub-modules to keep EMA copies of, e.g. [image_encoder]; [] = no EMA.
+        decay: EMA decay per optimiser step, in [0, 1): copy = decay x copy + (1 - decay) x weights.
+    """
 
     modules: list[str] = field(default_factory=list)
     decay: float = 0.999
@@ -89,7 +148,29 @@ class EMAConfig:
 
 @dataclass
 class TrainerConfig:
-    """Lightning Trainer flags: the same config runs on one CPU or on DDP across nodes by changing these."""
+    """Lightning Trainer flags: the same config runs on one CPU or on DDP across nodes by changing these.
+
+    Attributes:
+        max_steps: Optimiser steps to train for; -1 = no step limit (max_epochs decides).
+        max_epochs: Epochs to train for; null = no epoch limit when max_steps is set, else one epoch.
+        accelerator: Lightning accelerator: auto, cpu, gpu, cuda or mps.
+        devices: Devices per node: a count, a list such as '0,1', -1 for all, or auto.
+        num_nodes: Number of machines (nodes) for multi-node DDP.
+        strategy: Lightning strategy: auto, ddp, ddp_spawn, ... (auto picks DDP for several devices).
+        sync_batchnorm: BatchNorm statistics over all processes under DDP (GPUs only; PRIOR).
+        precision: Lightning precision (32-true, bf16-mixed, 16-mixed, ...); auto = bf16-mixed on a GPU that
+            supports it, else 32-true.
+        accumulate_grad_batches: Batches whose gradients are summed into one optimiser step.
+        gradient_clip_val: Clip the gradient norm to this value before each optimiser step; null = no clipping.
+        log_every_n_steps: Log training metrics (CSV, TensorBoard) every N steps.
+        val_check_interval: Validate every N training batches (int) or share of an epoch (float); null = every
+            tenth of max_steps (each epoch when max_steps is not set).
+        checkpoint_every_n_steps: Save a checkpoint in OUT/checkpoints/ every N optimiser steps (and at the end).
+        seed: Random seed of the run (initial weights, dropout; process r of a DDP run uses seed + r).
+        deterministic: Use deterministic algorithms only (reproducible on GPUs, slower; see torch's
+            use_deterministic_algorithms).
+        progress: Show the progress bar (steps, losses, throughput, time left).
+    """
 
     max_steps: int = -1
     max_epochs: int | None = None

@@ -327,6 +327,11 @@ def pretrain(
     if first_process:
         _record_config(out, config, resumed_step, changes)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    if first_process:  # start-up takes a while (text encoder, manifest checks): say what is going on
+        log.info(
+            f"{'resuming' if ckpt_path else 'starting'} {config.method} in {out}: checking {manifest} and building "
+            f"the model ({config.model.image.name} + {config.model.text.name})"
+        )
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
     module = PretrainModule(config, method, manifest_sha256=manifest_sha256)

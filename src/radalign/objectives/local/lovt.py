@@ -1,5 +1,5 @@
 """LoVT's local alignment (Müller et al., ECCV 2022): symmetric region <-> sentence cross-attention and the local
-intra-sample contrastive loss with spatial smoothing of the region positives (docs: shared/methods/lovt.md).
+intra-sample contrastive loss with spatial smoothing of the region positives (docs/methods/lovt.md).
 
 Total local loss: 0.375 * (regions l2att + regions att2l + sentences l2att + sentences att2l), where the regions are
 contrasted with ``sent2region`` and the sentences with ``region2sent`` of :class:`LovtCrossAttention`.

@@ -1,5 +1,5 @@
 """PRIOR's local alignment (Cheng et al., ICCV 2023): sigmoid cross-attention between patches and sentences, the
-SimSiam-style image-side loss and the intra-report sentence InfoNCE (docs: shared/methods/prior.md).
+SimSiam-style image-side loss and the intra-report sentence InfoNCE (docs/methods/prior.md).
 
 - :class:`PriorCrossAttention` gives C_txt = sigmoid(Q_P K_S^T / sqrt(d)) V_S (a sentence context per patch) and
   C_img = sigmoid(Q_S K_P^T / sqrt(d)) V_P (a visual context per sentence).
