@@ -63,6 +63,12 @@ def test_loss_matches_loop_reference_for_regions_and_sentences():
     want = _reference_loss(z, z_att, sentence_mask, None, None, 0.3)
     for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, atol=1e-10), (g, w)
+    # Per-local weights are normalised per sample: their scale is irrelevant, also when they sum to less than 1
+    # (attention-pool weights sum to exactly 1, which would hide a wrong floor on the sum)
+    z3, z3_att, weights = _inputs(12, seed=2)
+    scaled = [local_intra_sample_loss(z3, z3_att, region_mask, positives, weights * c, tau=0.3) for c in (1.0, 1e-3)]
+    for a, b in zip(*scaled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # Padded positions carry garbage that must not matter.
     z2 = z.clone()
     z2[~sentence_mask] = 1e3
@@ -100,6 +106,7 @@ def test_spatial_positives_are_thresholded_exponentials_of_normalised_distance()
             else:  # relative to the cell itself (d = 0, exp(0) = 1), so the row normaliser cancels
                 assert math.isclose(float(p[a, b] / p[a, a]), math.exp(-d), rel_tol=1e-5)
     assert torch.equal(spatial_positives(GRID, smooth=False), torch.eye(h * w))
+    assert torch.equal(spatial_positives(GRID), p)  # the default threshold is LoVT's 0.5
 
 
 def test_the_distance_threshold_is_inclusive_on_the_grids_the_configs_use():
@@ -151,7 +158,7 @@ def test_cross_attention_orientation_and_padding():
     assert torch.count_nonzero(region2sent[~sentence_mask]) == 0
 
 
-def _reference_cross_attention(module, regions, region_mask, sentences, sentence_mask):
+def _reference_cross_attention(module, regions, region_mask, sentences, sentence_mask, with_means=False):
     """The official CrossAttention written out per sample: project keys and values of both sides, softmax over the
     other side's valid items, attend, project the output; then BatchNorm over the valid rows of the batch."""
     dim = module.dim
@@ -162,12 +169,13 @@ def _reference_cross_attention(module, regions, region_mask, sentences, sentence
         scores = kr @ ks.T / math.sqrt(dim)  # (N_b, S_b)
         s2r_rows.append(module.out(torch.softmax(scores, dim=1) @ module.value(s)))  # per region
         r2s_rows.append(module.out(torch.softmax(scores.T, dim=1) @ module.value(r)))  # per sentence
-    outs = []
+    outs, means = [], []
     for rows, bn in ((s2r_rows, module.bn_sent2region), (r2s_rows, module.bn_region2sent)):
         flat = torch.cat(rows)
         mean, var = flat.mean(0), flat.var(0, unbiased=False)  # training-mode BN statistics
         outs.append((flat - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias)
-    return outs
+        means.append(mean)
+    return (outs, means) if with_means else outs
 
 
 def test_cross_attention_matches_the_official_formulas_with_biases():
@@ -184,9 +192,12 @@ def test_cross_attention_matches_the_official_formulas_with_biases():
     sentences = torch.randn(3, 4, dim, dtype=torch.float64)
     sentence_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     sent2region, region2sent = module(regions, region_mask, sentences, sentence_mask)
-    want = _reference_cross_attention(module, regions, region_mask, sentences, sentence_mask)
+    want, means = _reference_cross_attention(module, regions, region_mask, sentences, sentence_mask, True)
     assert torch.allclose(sent2region[region_mask], want[0], atol=1e-10)
     assert torch.allclose(region2sent[sentence_mask], want[1], atol=1e-10)
+    # train-mode BN removes a constant shift, so the output bias shows only in the running statistics (eval mode)
+    for bn, mean in zip((module.bn_sent2region, module.bn_region2sent), means, strict=True):
+        torch.testing.assert_close(bn.running_mean, bn.momentum * mean, rtol=1e-9, atol=1e-12)
     # The key bias is not a no-op (it shifts every score by <b, W z>): dropping it changes the outputs.
     no_key_bias = copy.deepcopy(module)
     no_key_bias.key.bias = None

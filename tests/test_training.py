@@ -103,6 +103,8 @@ def test_every_shipped_config_loads_and_names_a_registered_method():
         importlib.import_module(f"radalign.methods.{module}")
     paths = sorted((shipped_config_dir() / "methods").glob("*.yaml"))
     assert len(paths) >= 8
+    for path in [*paths, *(shipped_config_dir() / "protocols").glob("*.yaml")]:  # they cite the project's own docs
+        assert "shared/" not in path.read_text(encoding="utf-8"), path.name
     for path in paths:
         config = load_config(path)
         assert config.method in METHODS, path.name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -52,6 +53,10 @@ def _config(module: Path, tests: str, timeout: float) -> str:
     )
 
 
+# "name: Type <op> None" where "Type | None" was: a parameter annotation, on a ``def`` line or a line of its own
+_ANNOTATION = re.compile(r"\w\s*:\s*[\w.\[\], ]+?\s*(?:\+|-|\*\*|\*|//|/|%|>>|<<|&|\^)\s*None\s*(?:=|,|\)|$)")
+
+
 def _survivors(session: Path) -> tuple[int, int, list[dict]]:
     """(mutants, killed, survivors) from cosmic-ray's session database."""
     with sqlite3.connect(session) as db:
@@ -67,7 +72,8 @@ def _survivors(session: Path) -> tuple[int, int, list[dict]]:
     for s in survivors:
         # `int | None` -> `int + None` in a signature: with `from __future__ import annotations` (every module
         # here) annotations are never evaluated, so such a mutant cannot change anything
-        s["annotation"] = s["operator"].startswith("ReplaceBinaryOperator_BitOr") and s["diff"].startswith("def ")
+        bit_or = s["operator"].startswith("ReplaceBinaryOperator_BitOr")
+        s["annotation"] = bit_or and bool(_ANNOTATION.search(s["diff"]))
     killed = sum(1 for row in rows if str(row[3]).lower() == "killed")
     return len(rows), killed, sorted(survivors, key=lambda s: s["line"])
 
