@@ -1,0 +1,47 @@
+"""Report labeler speed on the 3,955 real IU X-ray reports (issue 17's target: 2,000 reports/s on one core).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/labeler_speed.py [--repeats 5]
+
+Prints reports per second for sectioning + sentence splitting + labelling, and for labelling the already-split
+sentences alone, as the median of the repeats, and how often each observation is mentioned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+
+from radalign.data.labeler import Labeler
+from radalign.data.reports import parse_report
+from radalign.data.sources.iu_xray import read_iu_reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    texts = [r.raw_text() for r in read_iu_reports()]
+    labeler = Labeler.from_yaml()
+    parsed = [parse_report(t) for t in texts]
+    whole, labelling = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for text in texts:
+            labeler.label_report(text)
+        whole.append(len(texts) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for report in parsed:
+            labeler.label_report(report)
+        labelling.append(len(texts) / (time.perf_counter() - start))
+    mentioned = Counter(k for r in parsed for k, v in labeler.label_report(r).labels.items())
+    print(f"{len(texts)} IU reports, median of {args.repeats}:")
+    print("| step | reports/s |\n|---|--:|")
+    print(f"| parse (sections, sentences) + label | {statistics.median(whole):,.0f} |")
+    print(f"| label already-parsed reports | {statistics.median(labelling):,.0f} |")
+    print("\nreports with a label per observation:", dict(mentioned.most_common()))
+
+
+if __name__ == "__main__":
+    main()
