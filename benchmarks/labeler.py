@@ -15,7 +15,7 @@ import statistics
 import time
 from collections import Counter
 
-from radalign.data.labeler import Labeler
+from radalign.data.labeler import Labeler, simulated_agreement
 from radalign.data.reports import parse_report
 from radalign.data.sources.iu_xray import read_iu_reports
 
@@ -48,24 +48,7 @@ def main() -> None:
 
 
 def agreement(labeler: Labeler, reports: int) -> None:
-    import numpy as np
-
-    from radalign.data.labeler import _combine
-    from radalign.data.simulate.findings import sample_findings
-    from radalign.data.simulate.report import write_report
-
-    counts: dict[str, list[int]] = {}
-    for seed in range(reports):
-        rng = np.random.default_rng([9, seed])
-        for sentence in write_report(sample_findings(rng), rng).sentences:
-            truth: dict[str, int] = {}
-            for key, value in sentence.mentions:
-                truth[key] = _combine(truth.get(key), value)
-            got = labeler.label_sentence(sentence.text)
-            for key, value in truth.items():
-                count = counts.setdefault(key, [0, 0])
-                count[0] += got.get(key) == value
-                count[1] += 1
+    counts = simulated_agreement(labeler, reports)
     agree, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     print(f"\nagreement with {reports} simulated reports' sentence labels: {agree}/{total} = {agree / total:.1%}")
     print("| observation | agree | labels |\n|---|--:|--:|")

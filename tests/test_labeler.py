@@ -3,7 +3,6 @@ user rules, and agreement with the simulator's own labels (a sanity check: the s
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from radalign.data.labeler import Labeler, merge_rules
@@ -90,18 +89,8 @@ def test_user_rules_replace_or_extend_the_shipped_ones_and_are_checked(tmp_path)
 
 def test_agreement_with_the_simulator_s_own_sentence_labels(labeler):
     """A sanity check, not the measure (docs/labeler.md): the simulator's sentences say what they assert."""
-    from radalign.data.labeler import _combine
-    from radalign.data.simulate.findings import sample_findings
-    from radalign.data.simulate.report import write_report
+    from radalign.data.labeler import simulated_agreement
 
-    agree = total = 0
-    for seed in range(150):
-        rng = np.random.default_rng([9, seed])
-        for sentence in write_report(sample_findings(rng), rng).sentences:
-            truth: dict[str, int] = {}
-            for key, value in sentence.mentions:
-                truth[key] = _combine(truth.get(key), value)
-            got = labeler.label_sentence(sentence.text)
-            agree += sum(got.get(k) == v for k, v in truth.items())
-            total += len(truth)
+    counts = simulated_agreement(labeler, 150)
+    agree, total = sum(ok for ok, _ in counts.values()), sum(n for _, n in counts.values())
     assert total > 800 and agree / total > 0.9

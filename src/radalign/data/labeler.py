@@ -219,6 +219,30 @@ def _combine(old: int | None, new: int) -> int:
     return old if rank[old] >= rank[new] else new
 
 
+def simulated_agreement(labeler: Labeler, reports: int, seed: int = 9) -> dict[str, tuple[int, int]]:
+    """Observation -> (labels reproduced, labels) over the sentences of ``reports`` simulated reports, each of
+    which records what it asserts. A sanity check of the rules against the simulator's phrasing (our own), not a
+    measure of quality on real text (docs/labeler.md)."""
+    import numpy as np
+
+    from radalign.data.simulate.findings import sample_findings
+    from radalign.data.simulate.report import write_report
+
+    counts: dict[str, list[int]] = {}
+    for index in range(reports):
+        rng = np.random.default_rng([seed, index])
+        for sentence in write_report(sample_findings(rng), rng).sentences:
+            truth: dict[str, int] = {}
+            for key, value in sentence.mentions:
+                truth[key] = _combine(truth.get(key), value)
+            got = labeler.label_sentence(sentence.text)
+            for key, value in truth.items():
+                count = counts.setdefault(key, [0, 0])
+                count[0] += got.get(key) == value
+                count[1] += 1
+    return {key: (ok, n) for key, (ok, n) in counts.items()}
+
+
 def check_rules(rules: Any, where: Path | str) -> None:
     """A rules file's shape, with the key and file named when it is wrong."""
     if not isinstance(rules, dict) or not isinstance(rules.get("observations", {}), dict):
