@@ -228,18 +228,17 @@ def _check_resumable(
     )
 
 
-def _completed(out: Path, step: int, config: PretrainConfig) -> RunResult | None:
+def _completed(out: Path, checkpoint: Path, step: int, config: PretrainConfig) -> RunResult | None:
     """A run whose newest checkpoint reached ``trainer.max_steps`` and whose export exists is done: say so and
     leave it as it is (re-exporting would rewrite a finished run's files)."""
     target = config.trainer.max_steps
     if target <= 0 or step < target or not (out / "export" / "model.safetensors").is_file():
         return None
-    newest = resumable_checkpoint(out / "checkpoints")
     get_logger().info(
         f"run {out} is already complete: {step} of {target} steps, export in {out / 'export'}. To train it longer, "
         "raise --trainer.max_steps (the run resumes); to start again, pass --resume false or a new --out"
     )
-    return RunResult(out, out / "export", newest, step, {}, already_complete=True)
+    return RunResult(out, out / "export", checkpoint, step, {}, already_complete=True)
 
 
 def _refuse_foreign_run(out: Path, config: PretrainConfig) -> None:
@@ -313,7 +312,7 @@ def pretrain(
         meta = _read_checkpoint_meta(ckpt_path)
         resumed_step = meta["global_step"]
         changes = _check_resumable(ckpt_path, meta, config, manifest_sha256, allow_config_change)
-        done = _completed(out, meta["global_step"], config)
+        done = _completed(out, ckpt_path, meta["global_step"], config)  # already verified: not hashed again
         if done is not None:
             return done
         log.info(f"resuming from {ckpt_path}")
