@@ -189,6 +189,10 @@ def test_a_shipped_config_name_is_taken_where_a_path_is_and_unknown_options_say_
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--optim.lrr" in err and "did you mean --optim.lr?" in err
     assert len(err.strip().splitlines()) <= 3  # no usage block of every option above the error
+    with pytest.raises(SystemExit) as exit_:  # neither a file nor a shipped name: which ones there are
+        main(["pretrain", "--config", "clip-tny", "--data", "m.csv", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "config clip-tny not found (did you mean clip-tiny?)" in err
 
 
 def test_evaluate_device_follows_pretrain_s_rule_and_a_missing_gpu_is_a_message(tiny_export, tmp_path, capsys):

@@ -179,7 +179,7 @@ def test_evaluate_cli_names_an_unknown_task(eval_manifest, tiny_export, tmp_path
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", str(tiny_export), "--data", str(eval_manifest), "--out", str(tmp_path / "x"),
               "--tasks", "[zero_shot, segmentatio]"])  # fmt: skip
-    assert exit_.value.code == 2 and "segmentatio" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "no task 'segmentatio' (did you mean 'segmentation'?)" in capsys.readouterr().err
 
 
 def test_a_3d_model_is_evaluated_on_volumes(tmp_path):

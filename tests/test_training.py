@@ -474,6 +474,16 @@ def test_another_method_pointed_at_a_run_folder_is_refused_before_writing(simula
     with pytest.raises(ConfigError, match=r"refused to resume .*objectives\.norm\.weight: 0\.0 -> 0\.5"):
         pretrain(other, run)
     assert _snapshot(run) == before
+    # another method cannot continue the run, not even with --allow-config-change
+    register("toy-2")(ToyMethod)
+    try:
+        foreign = toy_config(simulated_manifest)
+        foreign.method = "toy-2"
+        with pytest.raises(ConfigError, match=r"it is a toy run and this command trains toy-2; another method"):
+            pretrain(foreign, run, allow_config_change=True)
+    finally:
+        METHODS.pop("toy-2", None)
+    assert _snapshot(run) == before
     # without checkpoints (deleted, or never written) config.yaml still names the run the folder holds
     for path in (run / "checkpoints").glob("step-*"):
         path.unlink()

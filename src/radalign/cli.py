@@ -7,7 +7,6 @@ names it.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -358,8 +357,7 @@ def _named_config(args: list[str]) -> list[str]:
     result = list(args)
     for i, arg in enumerate(result[:-1]):
         if arg == "--config" and not Path(result[i + 1]).exists():
-            with contextlib.suppress(RadalignError):  # not a shipped name either: the parser says it is missing
-                result[i + 1] = str(find_config(result[i + 1]))
+            result[i + 1] = str(find_config(result[i + 1]))  # neither a file nor a shipped name: says which exist
     return result
 
 

@@ -71,10 +71,13 @@ def evaluate(
         raise RadalignError(f"protocol {protocol.name} names no dataset: pass --data MANIFEST")
     selected = [t for t in protocol.tasks if not tasks or t.name in tasks]
     if tasks and len(selected) != len(tasks):
-        unknown = sorted(set(tasks) - {t.name for t in protocol.tasks})
-        raise RadalignError(
-            f"protocol {protocol.name} has no task {unknown[0]!r}; it has {[t.name for t in protocol.tasks]}"
-        )
+        import difflib
+
+        names = [t.name for t in protocol.tasks]
+        unknown = sorted(set(tasks) - set(names))
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RadalignError(f"protocol {protocol.name} has no task {unknown[0]!r}{hint}; it has {names}")
 
     for spec in protocol.tasks:  # every task's, selected or not: a misspelled override is a mistake either way
         check_task_params(spec)

@@ -355,5 +355,9 @@ def find_config(name_or_path: str | Path) -> Path:
     shipped = shipped_config_dir() / "methods" / f"{path.stem}.yaml"
     if path.suffix in ("", ".yaml") and len(path.parts) <= 3 and shipped.is_file():
         return shipped
+    import difflib
+
     names = sorted(p.stem for p in (shipped_config_dir() / "methods").glob("*.yaml"))
-    raise ConfigError(f"config {name_or_path} not found; give a YAML path or a shipped name: {', '.join(names)}")
+    close = difflib.get_close_matches(path.stem, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"config {name_or_path} not found{hint}; give a YAML path or a shipped name: {', '.join(names)}")

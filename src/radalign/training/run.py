@@ -218,6 +218,13 @@ def _check_resumable(
     if not changes:
         return every
     listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if "method" in changes:  # another method's weights do not fit this checkpoint: no flag can make that a resume
+        was, now = changes["method"]
+        raise ConfigError(
+            f"refused to resume from {path}: it is a {was} run and this command trains {now}; another method cannot "
+            "continue it. Write to a new --out folder (or pass --resume false to start afresh in this one, the "
+            "earlier run kept in checkpoints/superseded/)"
+        )
     if allow_changes:
         get_logger().warning(f"resuming {path} with changed settings, as asked: {listed}")
         return {**every, **changes}
