@@ -87,7 +87,7 @@ def run_one(method: str, seed: int, manifest: Path, cache: Path, args: argparse.
 def _pretrain_and_evaluate(
     method: str, seed: int, run: Path, manifest: Path, cache: Path, args: argparse.Namespace
 ) -> dict[str, float]:
-    from radalign.training.config import find_config
+    from radalign.config import find_config
 
     timings: dict[str, float] = {}
     if not (run / "export" / "model.safetensors").is_file():

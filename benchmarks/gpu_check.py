@@ -86,7 +86,7 @@ def train(
 
     import torch
 
-    from radalign.training.config import find_config, load_config
+    from radalign.config import find_config, load_config
     from radalign.training.run import pretrain
 
     settings: dict[str, Any] = {

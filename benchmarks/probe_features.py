@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from radalign.config import TaskSpec, load_protocol
 from radalign.evaluation.context import FEATURE_KINDS, EvalContext
 from radalign.evaluation.probe import run_linear_probe
-from radalign.evaluation.protocol import TaskSpec, load_protocol
 
 
 def spectrum(x: torch.Tensor) -> dict[str, float]:

@@ -60,8 +60,8 @@ def run_one(size: str, data: Path, cache: Path, args: argparse.Namespace) -> dic
     import lightning as L
     import torch
 
+    from radalign.config import find_config, load_config
     from radalign.data.datamodule import RadDataModule
-    from radalign.training.config import find_config, load_config
     from radalign.training.run import pretrain
 
     name, settings = overrides(size, data, cache, args)

@@ -89,7 +89,7 @@ def eval_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(eval_manifest, tmp_path_factory) -> Path:
     """A CLIP-tiny model briefly pre-trained on ``eval_manifest`` (64 px), exported: what evaluation tests load."""
-    from radalign.training.config import find_config, load_config
+    from radalign.config import find_config, load_config
     from radalign.training.run import pretrain
 
     config = load_config(
@@ -110,9 +110,9 @@ def tiny_export(eval_manifest, tmp_path_factory) -> Path:
 @pytest.fixture
 def eval_context(eval_manifest, tiny_export, tmp_path):
     """An EvalContext over ``eval_manifest`` with the quick protocol at 64 px and the tiny model."""
+    from radalign.config import load_protocol
     from radalign.data.manifest import load_manifest
     from radalign.evaluation.context import EvalContext
-    from radalign.evaluation.protocol import load_protocol
     from radalign.inference import load
 
     protocol = load_protocol("quick", {"image_size": 64, "seeds": [0, 1], "bootstrap": 50, "batch_size": 16})

@@ -78,7 +78,7 @@ class _Record(L.Callback):
 
 
 def main() -> None:
-    from radalign.training.config import PretrainConfig, from_dict
+    from radalign.config import PretrainConfig, from_dict
     from radalign.training.run import pretrain
 
     parser = argparse.ArgumentParser()

@@ -17,7 +17,7 @@ SMALL: dict[str, Any] = {
 
 def tiny_config(name: str, manifest: Path | str | None = None, **overrides: Any) -> Any:
     """``configs/methods/<name>-tiny.yaml`` with SMALL, ``overrides`` on top, and the manifest when given."""
-    from radalign.training.config import find_config, load_config
+    from radalign.config import find_config, load_config
 
     settings = dict(SMALL, **overrides)
     if manifest is not None:

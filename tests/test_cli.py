@@ -150,7 +150,7 @@ def test_evaluate_then_compare_through_the_command_line(tiny_export, eval_manife
 
 
 def test_pretrain_without_data_names_the_missing_option(tmp_path, capsys):
-    from radalign.training.config import find_config
+    from radalign.config import find_config
 
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--config", str(find_config("clip-tiny")), "--out", str(tmp_path / "run")])

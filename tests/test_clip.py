@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from radalign.training.config import find_config, load_config
+from radalign.config import find_config, load_config
 from tests.helpers import tiny_config
 
 

@@ -34,8 +34,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_sync_batchnorm_on_cpu_processes_is_refused_before_anything_is_written(simulated_manifest, tmp_path):
     # PyTorch's SyncBatchNorm has no CPU implementation: DDP would fail inside every process with a traceback
+    from radalign.config import PretrainConfig, from_dict
     from radalign.errors import ConfigError
-    from radalign.training.config import PretrainConfig, from_dict
     from radalign.training.run import pretrain
 
     config = from_dict(PretrainConfig, {"method": "clip", "loader": {"manifest": str(simulated_manifest)},

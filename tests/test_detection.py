@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from radalign.config import TaskSpec
 from radalign.errors import ConfigError
 from radalign.evaluation.detection import (
     build_detector,
@@ -16,7 +17,6 @@ from radalign.evaluation.detection import (
     run_detection,
     sensitivity_at,
 )
-from radalign.evaluation.protocol import TaskSpec
 from radalign.models.image import TimmImageEncoder
 
 FPS = [0.125, 0.25, 0.5, 1, 2, 4, 8]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radalign.evaluation.protocol import TaskSpec
+from radalign.config import TaskSpec
 from radalign.evaluation.retrieval import precision_at_k, ranks, recall_at_k
 from radalign.evaluation.zero_shot import ensemble_prompts, prompt_set, score_images
 
@@ -183,9 +183,9 @@ def test_evaluate_cli_names_an_unknown_task(eval_manifest, tiny_export, tmp_path
 
 
 def test_a_3d_model_is_evaluated_on_volumes(tmp_path):
+    from radalign.config import find_config, load_config
     from radalign.data.simulate.generate import SimulationConfig, simulate
     from radalign.evaluation.run import evaluate
-    from radalign.training.config import find_config, load_config
     from radalign.training.run import pretrain
 
     manifest = simulate(
@@ -244,10 +244,10 @@ def test_zero_shot_and_segmentation_fail_fast_without_labels_or_regions(eval_man
     instead of training a head on empty masks and reporting dice nan."""
     import pandas as pd
 
+    from radalign.config import load_protocol
     from radalign.data.manifest import load_manifest
     from radalign.errors import DataError
     from radalign.evaluation.context import EvalContext
-    from radalign.evaluation.protocol import load_protocol
     from radalign.evaluation.segmentation import run_segmentation
     from radalign.evaluation.zero_shot import run_zero_shot
     from radalign.inference import load

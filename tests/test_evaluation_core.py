@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from radalign.config import load_protocol
 from radalign.errors import ConfigError
 from radalign.evaluation.metrics import Metric, binary_auroc, bootstrap, over_seeds
-from radalign.evaluation.protocol import load_protocol
 
 
 def test_shipped_protocols_load_and_overrides_reach_task_params():

@@ -23,7 +23,7 @@ class _KeepTrained(L.Callback):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_a_loaded_export_embeds_like_the_trained_model(simulated_manifest, tmp_path, name):
     import radalign
-    from radalign.training.config import find_config, load_config
+    from radalign.config import find_config, load_config
     from radalign.training.run import pretrain
 
     overrides = {"loader.manifest": str(simulated_manifest), "loader.image_size": 64, "loader.batch_size": 4,
@@ -74,10 +74,10 @@ def test_load_error_paths_name_the_problem(tiny_export, tmp_path):
 
 def test_encode_images_refuses_input_that_would_embed_wrongly_and_prepares_files(tiny_export, eval_manifest):
     import radalign
+    from radalign.config import load_protocol
     from radalign.data.manifest import load_manifest
     from radalign.errors import ConfigError
     from radalign.evaluation.context import EvalContext
-    from radalign.evaluation.protocol import load_protocol
 
     model = radalign.load(tiny_export)
     wrong = {

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from radalign.config import TaskSpec
 from radalign.errors import ConfigError
 from radalign.evaluation.grounding import box_masks, cnr, iou_at, pointing_game, run_grounding, similarity_map
-from radalign.evaluation.protocol import TaskSpec
 
 
 def blobs(n: int, size: int, seed: int) -> torch.Tensor:

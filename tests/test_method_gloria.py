@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import radalign.methods.gloria  # noqa: F401  (registers "gloria")
+from radalign.config import find_config, load_config
 from radalign.errors import ConfigError
-from radalign.training.config import find_config, load_config
 from tests.helpers import first_batch, tiny_config
 
 

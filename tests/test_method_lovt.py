@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import radalign.methods.lovt  # noqa: F401  (registers "lovt")
-from radalign.training.config import find_config, load_config
+from radalign.config import find_config, load_config
 from tests.helpers import first_batch, tiny_config
 
 CONFIGS = (

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import radalign.methods.mgca  # registers "mgca"; also patched below
+from radalign.config import find_config, load_config
 from radalign.errors import ConfigError
-from radalign.training.config import find_config, load_config
 from tests.helpers import first_batch, tiny_config
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import radalign.methods.prior  # noqa: F401  (registers "prior")
-from radalign.training.config import find_config, load_config
+from radalign.config import find_config, load_config
 from tests.helpers import first_batch, tiny_config
 
 STAGE3 = ("image_reconstruction", "prototype_reconstruction", "prototype_kl", "generated_alignment")
@@ -196,9 +196,9 @@ def test_three_stages_on_a_short_run(simulated_manifest, eval_manifest, tmp_path
     # PRIOR's local zero-shot score through the evaluation suite, at the protocol's image size (128 px, a 4x4
     # grid, while the model trained at 64 px on 2x2: the pool's positions are resized), against the scores rebuilt
     # by hand from the test images: global cosine + 0.5 x the local similarity, per side of each prompt pair
+    from radalign.config import TaskSpec, load_protocol
     from radalign.data.manifest import load_manifest
     from radalign.evaluation.context import EvalContext
-    from radalign.evaluation.protocol import TaskSpec, load_protocol
     from radalign.evaluation.zero_shot import run_zero_shot
     from tests.test_evaluation import _pairwise_auroc
 

@@ -83,9 +83,9 @@ def _markers(planted: dict[str, str]) -> list[str]:
 
 def test_planted_patient_data_reaches_no_written_file(tmp_path, caplog, capsys):
     from radalign.cli import main
+    from radalign.config import find_config, load_config
     from radalign.data.simulate.generate import SimulationConfig, simulate
     from radalign.evaluation.run import evaluate
-    from radalign.training.config import find_config, load_config
     from radalign.training.run import pretrain
 
     data = tmp_path / "data"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
+from radalign.config import TaskSpec
 from radalign.errors import ConfigError, DataError
 from radalign.evaluation.context import Features
 from radalign.evaluation.probe import fit, loss_fn, predict, run_finetune, run_linear_probe, sample_subset, scores
-from radalign.evaluation.protocol import TaskSpec
 
 
 class FakeContext:

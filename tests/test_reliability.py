@@ -137,8 +137,8 @@ def test_an_export_with_a_wrong_shaped_tensor_is_a_config_error(tiny_export, tmp
 def test_an_unwritable_output_folder_mid_run_is_one_clear_message(simulated_manifest, tmp_path, monkeypatch, capsys):
     """The tests run as root, for whom chmod does not stop writes: the save raises what a read-only folder does."""
     from radalign.cli import main
+    from radalign.config import find_config
     from radalign.training import checkpoints
-    from radalign.training.config import find_config
 
     def refused(written, final):
         raise PermissionError(13, "Permission denied", str(final))

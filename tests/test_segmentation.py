@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from radalign.config import TaskSpec
 from radalign.errors import ConfigError
 from radalign.evaluation.dense import EncoderPyramid, fit, shuffled
-from radalign.evaluation.protocol import TaskSpec
 from radalign.evaluation.segmentation import (
     Segmenter,
     dice_scores,

@@ -11,10 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from radalign.errors import ConfigError
-from radalign.methods.base import Method
-from radalign.methods.registry import METHODS, register
-from radalign.training.config import (
+from radalign.config import (
     PretrainConfig,
     StageConfig,
     TrainerConfig,
@@ -22,6 +19,9 @@ from radalign.training.config import (
     from_dict,
     load_config,
 )
+from radalign.errors import ConfigError
+from radalign.methods.base import Method
+from radalign.methods.registry import METHODS, register
 from radalign.training.module import lr_lambda
 
 
@@ -96,8 +96,8 @@ def _assert_same_weights(a, b):
 def test_every_shipped_config_loads_and_names_a_registered_method():
     import importlib
 
+    from radalign.config import shipped_config_dir
     from radalign.methods.registry import BUILTIN_METHODS
-    from radalign.training.config import shipped_config_dir
 
     for module in BUILTIN_METHODS:
         importlib.import_module(f"radalign.methods.{module}")
@@ -199,7 +199,7 @@ import json, os, signal, sys
 
 import lightning as L
 
-from radalign.training.config import find_config, load_config
+from radalign.config import find_config, load_config
 from radalign.training.run import pretrain
 
 overrides, out, kill_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -586,7 +586,7 @@ def test_a_run_killed_at_an_epoch_boundary_resumes_exactly(simulated_manifest, t
 
 
 def test_ema_update_moves_each_copy_by_one_minus_decay():
-    from radalign.training.ema import EMACopies
+    from radalign.models.ema import EMACopies
 
     model = nn.ModuleDict({"encoder": nn.Linear(3, 2)})
     ema = EMACopies(model, ["encoder"], decay=0.9)  # 0.5 would hide decay and 1 - decay being swapped
@@ -618,7 +618,7 @@ def test_a_resume_past_a_stage_restart_keeps_that_stage_s_cosine_length(simulate
 def test_under_gradient_accumulation_the_teacher_moves_once_per_optimiser_step(
     simulated_manifest, tmp_path, monkeypatch
 ):
-    from radalign.training.ema import EMACopies
+    from radalign.models.ema import EMACopies
     from radalign.training.run import pretrain
 
     calls = []

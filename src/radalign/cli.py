@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from radalign.data.config import DataConfig
-from radalign.errors import RadalignError
-from radalign.training.config import (
+from radalign.config import (
+    DataConfig,
     EMAConfig,
     ModelConfig,
     OptimConfig,
@@ -21,6 +20,7 @@ from radalign.training.config import (
     StageConfig,
     TrainerConfig,
 )
+from radalign.errors import RadalignError
 
 
 def data_check(
@@ -101,6 +101,7 @@ def simulate(
     seed: int = 0,
     size: int = 224,
     with_3d: bool = False,
+    reports: bool = True,
     volume_spacing_mm: float = 3.0,
     prevalences: dict[str, float] | None = None,
     normal_fraction: float = 0.3,
@@ -116,6 +117,8 @@ def simulate(
         seed: Random seed; the same seed and settings give identical files.
         size: Radiograph side in pixels.
         with_3d: Also write each patient's CT volume (NIfTI, HU) and 3D finding masks.
+        reports: Write each sample's report; false gives an image-label dataset (labels and no report column, as
+            CheXpert is beside MIMIC-CXR), for a multi-source run beside a paired one made with another seed.
         volume_spacing_mm: Isotropic voxel spacing of the written volumes.
         prevalences: Per-finding prevalence in [0, 1], e.g. '{"nodule": 0.3, "pneumothorax": 0.1}'.
         normal_fraction: Share of patients with no finding.
@@ -132,6 +135,7 @@ def simulate(
         seed=seed,
         size=size,
         with_3d=with_3d,
+        reports=reports,
         volume_spacing_mm=volume_spacing_mm,
         prevalences=prevalences,
         normal_fraction=normal_fraction,
@@ -352,7 +356,7 @@ def _listed_runs(args: list[str]) -> list[str]:
 
 def _named_config(args: list[str]) -> list[str]:
     """``--config clip-tiny`` -> the shipped file's path, as ``evaluate --protocol quick`` takes a name."""
-    from radalign.training.config import find_config
+    from radalign.config import find_config
 
     result = list(args)
     for i, arg in enumerate(result[:-1]):

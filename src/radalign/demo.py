@@ -82,6 +82,7 @@ def run_demo(out: Path, n: int = 1000, steps: int = 250, size: int = 128) -> Dem
     import torch
     from rich.console import Console
 
+    from radalign.config import find_config, load_config
     from radalign.data.cache import CacheSettings, prepare_cache
     from radalign.data.datamodule import RadDataModule
     from radalign.data.manifest import load_manifest
@@ -90,7 +91,6 @@ def run_demo(out: Path, n: int = 1000, steps: int = 250, size: int = 128) -> Dem
     from radalign.data.summary import print_summary, summarize
     from radalign.inference import load
     from radalign.methods.registry import build_method
-    from radalign.training.config import find_config, load_config
     from radalign.training.run import pretrain
 
     console = Console()

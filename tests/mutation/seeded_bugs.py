@@ -48,7 +48,7 @@ BUGS = (
         'if state["handed_out"] >= state.get("batches", len(self)):',
         'if state["handed_out"] > state.get("batches", len(self)):',
         ("tests/test_training.py::test_a_run_killed_at_an_epoch_boundary_resumes_exactly",)),
-    Bug("EMA lerps by decay", "training/ema.py", "lerp_(p.detach(), 1.0 - self.decay)", "lerp_(p.detach(), self.decay)",
+    Bug("EMA lerps by decay", "models/ema.py", "lerp_(p.detach(), 1.0 - self.decay)", "lerp_(p.detach(), self.decay)",
         ("tests/test_training.py::test_ema_update_moves_each_copy_by_one_minus_decay",)),
     Bug("loaded Encoder left in train mode", "inference.py", "self.method = method.eval()", "self.method = method",
         ("tests/test_export_roundtrip.py::test_a_loaded_export_embeds_like_the_trained_model[clip-tiny]",)),

@@ -37,8 +37,9 @@ class RadDataset(Dataset):
     """Records -> dicts of tensors ready for :func:`collate`.
 
     Each item holds ``id``, ``image`` (C, H, W) or (C, D, H, W), ``labels`` (F,) with NaN where missing,
-    ``modality``, ``view``; with a tokenizer and a report also ``input_ids`` and the ``token_sentence`` /
-    ``token_word`` indices (NO_INDEX = -1 for special tokens), and ``sentences``.
+    ``modality``, ``view``, ``source`` (the training source's name) and ``has_report``; with a tokenizer and a
+    report also ``input_ids`` and the ``token_sentence`` / ``token_word`` indices (NO_INDEX = -1 for special
+    tokens), and ``sentences``. An image-label record (labels, no report) has ``has_report`` False and no text.
     """
 
     def __init__(
@@ -55,8 +56,10 @@ class RadDataset(Dataset):
         cache: PreparedCache | None = None,
         image_choice: Literal["first", "random"] = "first",
         on_error: Literal["skip", "fail"] = "skip",
+        source: str = "",
     ) -> None:
         self.records = list(records)
+        self.source = source
         self.vocabulary = tuple(vocabulary)
         self.image_transform = image_transform
         self.tokenizer = tokenizer
@@ -123,9 +126,12 @@ class RadDataset(Dataset):
             "labels": torch.from_numpy(labels_to_vector(record.labels, self.vocabulary)),
             "modality": record.modality.value,
             "view": record.view.value if record.view is not None else "",
+            "source": self.source,
+            "has_report": False,
         }
         report = self.load_report(record)
         if report is not None and not report.is_empty:
+            item["has_report"] = True
             sentences = list(report.sentences)
             if self.sentence_augment is not None:
                 sentences = self.sentence_augment(sentences)
@@ -139,7 +145,14 @@ class RadDataset(Dataset):
 
 
 class Collate:
-    """Stack images and labels, pad token sequences, and set skipped items aside (picklable for workers)."""
+    """Stack images and labels, pad token sequences, and set skipped items aside (picklable for workers).
+
+    A batch may mix image-report and image-label items: ``has_report`` (B,) says which is which, and the text
+    tensors have a row for every item, all padding (attention 0) for those without a report, for the method to
+    fill (UMCL writes a prompt from the labels there). ``label_mask`` (B, F) is True where a label is known.
+    ``batch_modality`` names the batch's kind (xray or ct). Items of two modalities (a multi-source run's step)
+    become ``{"parts": [batch, batch], "batch_size", "skipped"}``, one batch per modality.
+    """
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
@@ -147,12 +160,23 @@ class Collate:
     def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
         skipped = [(s.id, s.reason) for s in items if isinstance(s, Skipped)]
         good = [s for s in items if not isinstance(s, Skipped)]
+        modalities = list(dict.fromkeys(s["modality"] for s in good))
+        if len(modalities) > 1:
+            # 2D images and 3D volumes cannot be stacked: one batch per modality, trained on in the same step
+            parts = [self._collate([s for s in good if s["modality"] == m], []) for m in modalities]
+            return {"parts": parts, "skipped": skipped, "batch_size": len(good)}
+        return self._collate(good, skipped)
+
+    def _collate(self, good: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"skipped": skipped, "batch_size": len(good)}
         if not good:
             return batch
+        batch["batch_modality"] = good[0]["modality"]
         batch["id"] = [s["id"] for s in good]
         batch["modality"] = [s["modality"] for s in good]
         batch["view"] = [s["view"] for s in good]
+        batch["source"] = [s.get("source", "") for s in good]
+        batch["has_report"] = torch.tensor([bool(s.get("has_report", "input_ids" in s)) for s in good])
         shapes = {tuple(s["image"].shape) for s in good}
         if len(shapes) > 1:
             raise DataError(
@@ -161,20 +185,23 @@ class Collate:
             )
         batch["image"] = torch.stack([s["image"] for s in good])
         batch["labels"] = torch.stack([s["labels"] for s in good])
-        if all("input_ids" in s for s in good):
+        batch["label_mask"] = ~torch.isnan(batch["labels"])
+        if any("input_ids" in s for s in good):
             self._pad_text(good, batch)
         if any("sentences" in s for s in good):
             batch["sentences"] = [s.get("sentences", []) for s in good]
         return batch
 
     def _pad_text(self, items: Sequence[dict[str, Any]], batch: dict[str, Any]) -> None:
-        length = max(len(s["input_ids"]) for s in items)
+        length = max(len(s["input_ids"]) for s in items if "input_ids" in s)
         n = len(items)
         input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((n, length), dtype=torch.long)
         token_sentence = torch.full((n, length), NO_INDEX, dtype=torch.long)
         token_word = torch.full((n, length), NO_INDEX, dtype=torch.long)
         for i, s in enumerate(items):
+            if "input_ids" not in s:
+                continue  # an image-label item: its row stays padding
             t = len(s["input_ids"])
             input_ids[i, :t] = s["input_ids"]
             attention[i, :t] = 1

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from radalign.config import Protocol
 from radalign.data.dataset import Collate, RadDataset, Skipped
 from radalign.data.schema import Record
 from radalign.errors import ConfigError, DataError
 from radalign.evaluation.metrics import Metric
-from radalign.evaluation.protocol import Protocol
 
 
 @dataclass

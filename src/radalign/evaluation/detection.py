@@ -208,8 +208,8 @@ def sensitivity_at(fpi: np.ndarray, sens: np.ndarray, fps: Sequence[float]) -> n
 # -- the task ----------------------------------------------------------------------------------------------------
 def run_detection(ctx: Any, spec: Any) -> Any:
     """Train a detector per seed on train (early stopping on val), report mAP and fROC on test."""
+    from radalign.config import check_params
     from radalign.evaluation.context import TaskResult
-    from radalign.evaluation.protocol import check_params
     from radalign.utils.logging import get_logger
 
     start = time.perf_counter()

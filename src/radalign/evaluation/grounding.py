@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from radalign.config import TaskSpec, check_params
 from radalign.errors import ConfigError
 from radalign.evaluation.context import EvalContext, TaskResult
 from radalign.evaluation.metrics import Metric, bootstrap
-from radalign.evaluation.protocol import TaskSpec, check_params
 
 DEFAULTS: dict[str, Any] = {
     "findings": [],  # empty: every protocol finding; those without masks or boxes simply yield no pairs

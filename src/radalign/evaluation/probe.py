@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from radalign.config import TaskSpec, check_params
 from radalign.errors import ConfigError, DataError
 from radalign.evaluation.context import FEATURE_KINDS, EvalContext, TaskResult
 from radalign.evaluation.metrics import Metric, binary_auroc, over_seeds
-from radalign.evaluation.protocol import TaskSpec, check_params
 
 COMMON_DEFAULTS: dict[str, Any] = {
     "fractions": [0.01, 0.1, 1.0],

@@ -61,9 +61,9 @@ def _single_class(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def run_retrieval(ctx: Any, spec: Any) -> Any:
     """Recall@K both ways on the test pairs, Precision@K against class-representative training reports."""
+    from radalign.config import check_params
     from radalign.errors import DataError
     from radalign.evaluation.context import TaskResult
-    from radalign.evaluation.protocol import check_params
 
     start = time.perf_counter()
     params = check_params("retrieval", spec.params, DEFAULTS)

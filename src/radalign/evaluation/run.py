@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from radalign.config import Protocol, load_protocol
 from radalign.errors import RadalignError
-from radalign.evaluation.protocol import Protocol, load_protocol
 from radalign.utils.logging import get_logger
 
 RESULTS_FORMAT = 1

@@ -181,8 +181,8 @@ class Segmenter(nn.Module):
 # -- the task ----------------------------------------------------------------------------------------------------
 def run_segmentation(ctx: Any, spec: Any) -> Any:
     """Train each head per seed on train (early stopping on val), report Dice on test; see the module docstring."""
+    from radalign.config import check_params
     from radalign.evaluation.context import TaskResult
-    from radalign.evaluation.protocol import check_params
     from radalign.utils.logging import get_logger
 
     start = time.perf_counter()

@@ -43,7 +43,7 @@ def _resolve(table: dict[str, str], kind: str) -> Any:
 
 def check_task_params(spec: Any) -> None:
     """A misspelled parameter of any selected task is an error before the protocol starts, not after an hour."""
-    from radalign.evaluation.protocol import check_params
+    from radalign.config import check_params
 
     check_params(spec.name, spec.params, _resolve(TASK_DEFAULTS, spec.task))
 

@@ -212,8 +212,8 @@ def mean_auroc(per_finding: Mapping[str, float]) -> float:
 
 def run_zero_shot(ctx: Any, spec: Any) -> Any:
     """The zero-shot task of a protocol on the test split (see the module docstring for params)."""
+    from radalign.config import check_params
     from radalign.evaluation.context import TaskResult
-    from radalign.evaluation.protocol import check_params
 
     start = time.perf_counter()
     params = check_params("zero_shot", spec.params, DEFAULTS)

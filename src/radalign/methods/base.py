@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from radalign.config import PretrainConfig
 from radalign.errors import ConfigError
-from radalign.training.config import PretrainConfig
-from radalign.training.ema import EMACopies
+from radalign.models.ema import EMACopies
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_sentence", "token_word")
 
@@ -27,6 +27,9 @@ class Method(nn.Module):
     objective_names: ClassVar[tuple[str, ...]] = ()
     # What :meth:`global_image_features` returns, in words (results.json records it with the linear probe).
     global_feature_name: ClassVar[str] = "the image encoder's global feature (average pool, or [CLS] for a ViT)"
+    # Whether ``losses`` takes samples without a report (image-label records, ``batch["has_report"]`` False) and
+    # makes their text itself (UMCL: prompts from the labels); the others need a report for every sample.
+    label_only_samples: ClassVar[bool] = False
 
     def __init__(self, config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__()
@@ -42,6 +45,13 @@ class Method(nn.Module):
         # Objective weights in force, set by the training module before each ``losses`` call (None outside
         # training: compute everything). A method may skip an objective whose weight is 0.
         self.stage_weights: dict[str, float] | None = None
+
+    def modalities(self) -> set[str]:
+        """The image kinds its encoder takes: ``ct`` for a 3D encoder (a name ending in _3d), else ``xray``; a
+        method with one trunk for both (UniMedI) returns both."""
+        image = self.config.model.image
+        three_d = image.name.endswith("_3d") or image.kwargs.get("spatial_dims") == 3
+        return {"ct"} if three_d else {"xray"}
 
     def setup_ema(self) -> None:
         """Call at the end of a subclass ``__init__``: copies the sub-modules named in ``config.ema.modules``."""
@@ -94,5 +104,12 @@ def require_text(batch: dict[str, Any], method: str) -> dict[str, torch.Tensor]:
         raise ConfigError(
             f"{method} needs tokenised reports in every batch but the batch lacks {missing}; set loader.tokenizer "
             "and use a manifest whose records have reports (loader.require_report: true)"
+        )
+    if "has_report" in batch and not bool(batch["has_report"].all()):
+        without = sorted({s for s, has in zip(batch["source"], batch["has_report"].tolist(), strict=True) if not has})
+        raise ConfigError(
+            f"{method} needs a report for every sample, but source(s) {', '.join(without)} give samples without one "
+            "(image-label records); use a method that makes text from labels (umcl), or set require_report: true "
+            "on that source to leave them out"
         )
     return {k: batch[k] for k in TEXT_KEYS}

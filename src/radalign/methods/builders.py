@@ -6,9 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from radalign.data.config import DataConfig
+from radalign.config import DataConfig, ImageEncoderConfig, TextEncoderConfig
 from radalign.errors import ConfigError
-from radalign.training.config import ImageEncoderConfig, TextEncoderConfig
 
 
 def build_image_encoder(config: ImageEncoderConfig, loader: DataConfig, *, for_inference: bool = False) -> nn.Module:

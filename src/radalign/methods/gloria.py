@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from radalign.config import check_options
 from radalign.errors import ConfigError
 from radalign.methods.base import TEXT_KEYS, Method, require_text
 from radalign.methods.builders import build_image_encoder, build_text_encoder
 from radalign.methods.registry import register
 from radalign.models.heads import ProjectionHead
 from radalign.objectives.local.gloria import GloriaLocalLoss, gloria_global_loss
-from radalign.training.config import check_options
 
 MODEL_OPTIONS = {"local_stride": 16, "cls_word": True}
 LOCAL_OPTIONS = {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0, "agg": "sum", "chunk_size": "auto", "recompute": True}

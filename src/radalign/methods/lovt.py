@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from radalign.config import check_options
 from radalign.errors import ConfigError
 from radalign.methods.base import Method, require_text
 from radalign.methods.builders import build_image_encoder, build_infonce, build_text_encoder
@@ -22,7 +23,6 @@ from radalign.methods.registry import register
 from radalign.models.heads import ProjectionHead
 from radalign.models.pooling import AttentionPool
 from radalign.objectives.local.lovt import LovtCrossAttention, local_intra_sample_loss, spatial_positives
-from radalign.training.config import check_options
 
 MODEL_OPTIONS = {
     "pool_heads": 8,

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from radalign.config import check_options
 from radalign.errors import ConfigError
 from radalign.methods.base import Method, require_text
 from radalign.methods.builders import build_image_encoder, build_infonce, build_text_encoder
@@ -46,7 +47,6 @@ from radalign.models.outputs import ImageOutput, TextOutput
 from radalign.models.pooling import segment_sum
 from radalign.objectives.local.mgca import mgca_token_loss
 from radalign.objectives.prototype import PrototypeLoss
-from radalign.training.config import check_options
 
 HEAD_OPTIONS = ("head_hidden_dim", "head_norm", "head_output_norm")
 MODEL_OPTIONS = {

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from radalign.config import check_options
 from radalign.errors import ConfigError
 from radalign.methods.base import TEXT_KEYS, Method, require_text
 from radalign.methods.builders import build_image_encoder, build_infonce, build_text_encoder
@@ -39,7 +40,6 @@ from radalign.objectives.prior import (
     prototype_perplexity,
     prototype_reconstruction_loss,
 )
-from radalign.training.config import check_options
 
 MODEL_OPTIONS = {
     "pool_heads": 8,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from radalign.config import PretrainConfig
 from radalign.errors import ConfigError
 from radalign.methods.base import Method
-from radalign.training.config import PretrainConfig
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from radalign.config import PretrainConfig
 from radalign.errors import ConfigError
-from radalign.training.config import PretrainConfig
 from radalign.utils.files import publish_folder, share_file
 
 EXPORT_FORMAT = 1
@@ -56,7 +56,7 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def config_from_export(folder: Path) -> PretrainConfig:
-    from radalign.training.config import from_dict
+    from radalign.config import from_dict
 
     payload = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if payload.get("format") != EXPORT_FORMAT:

@@ -15,8 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from radalign.config import PretrainConfig, stage_started
 from radalign.methods.base import Method
-from radalign.training.config import PretrainConfig, stage_started
 from radalign.utils.logging import get_logger
 
 
@@ -49,12 +49,22 @@ class PretrainModule(L.LightningModule):
             raise RuntimeError(f"every objective has weight 0 at step {self.global_step}: {weights}")
         return torch.stack(terms).sum(), weights
 
+    def method_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The method's losses on a batch; a multi-source step's ``parts`` (one batch per modality, 2D and 3D)
+        are each given to the method, and each objective's losses on them are summed into the step's."""
+        # The method sees the weights in force, so it can skip objectives that are off (PRIOR's stage 3 decoders).
+        self.method.stage_weights = self.config.weights_at(self.global_step, self.current_epoch)
+        parts = [part for part in batch.get("parts", [batch]) if part["batch_size"] > 0]
+        losses: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for name, value in self.method.losses(part).items():
+                losses[name] = losses[name] + value if name in losses else value
+        return losses
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["batch_size"] == 0:
             return None  # every item was unreadable; counted by SkippedSamplesCallback
-        # The method sees the weights in force, so it can skip objectives that are off (PRIOR's stage 3 decoders).
-        self.method.stage_weights = self.config.weights_at(self.global_step, self.current_epoch)
-        losses = self.method.losses(batch)
+        losses = self.method_losses(batch)
         total, _ = self.weighted_loss(losses)
         size = batch["batch_size"]
         self.log("train/loss", total, prog_bar=True, batch_size=size)
@@ -68,9 +78,7 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch["batch_size"] == 0:
             return
-        self.method.stage_weights = self.config.weights_at(self.global_step, self.current_epoch)
-        losses = self.method.losses(batch)
-        total, _ = self.weighted_loss(losses)
+        total, _ = self.weighted_loss(self.method_losses(batch))
         self.log("val/loss", total, prog_bar=True, batch_size=batch["batch_size"], sync_dist=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -23,11 +23,12 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from radalign.config.loading import config_changes
+from radalign.config.pretrain import RESUMABLE_CHANGES, PretrainConfig
 from radalign.data.datamodule import RadDataModule, SkippedSamplesCallback
 from radalign.errors import ConfigError, DataError
 from radalign.methods.registry import build_method
 from radalign.training.checkpoints import RunCheckpoints, resumable_checkpoint, set_aside, sha256_of
-from radalign.training.config import RESUMABLE_CHANGES, PretrainConfig, config_changes, resolve_precision
 from radalign.training.export import export
 from radalign.training.module import PretrainModule
 from radalign.utils.files import write_atomic
@@ -131,6 +132,17 @@ def _quiet_lightning(config: PretrainConfig) -> None:
     if config.ema.modules:
         # EMA teachers stay in eval mode on purpose (no dropout, frozen BatchNorm statistics).
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 mixed precision where the GPU supports it, else full float32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
 
 
 def build_trainer(config: PretrainConfig, out: Path, callbacks: list[L.Callback] | None = None) -> L.Trainer:
@@ -286,6 +298,43 @@ def _record_config(out: Path, config: PretrainConfig, resumed_step: int | None, 
         write_atomic(out / f"config.resumed-step{resumed_step:08d}.yaml", text)
 
 
+def data_fingerprint(config: PretrainConfig) -> str:
+    """What a resume checks it reads the same data by: the manifest's sha256, or for several sources a sha256
+    over each source's name and manifest hash."""
+    import hashlib
+
+    lines = []
+    for name, source in zip(config.loader.source_names(), config.loader.source_list(), strict=True):
+        path = Path(source.manifest)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise DataError(f"manifest {path} does not exist; pass the path of a .csv or .parquet manifest")
+        lines.append(f"{name} {sha256_of(path)}")
+    if not config.loader.sources:
+        return lines[0].split(" ", 1)[1]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def check_sources(method: Any, data: RadDataModule) -> None:
+    """Refuse, before training, data the method cannot use: samples without reports for a method that needs one,
+    images of a kind (2D / 3D) its encoder does not take; the message names the source."""
+    for name, splits in data.per_source.items():
+        records = splits["train"].records
+        modality = records[0].modality.value if records else None
+        if modality is not None and modality not in method.modalities():
+            raise ConfigError(
+                f"source {name!r} holds {modality} images, but {method.config.method}'s image encoder "
+                f"({method.config.model.image.name}) takes {', '.join(sorted(method.modalities()))} only; use an "
+                "encoder for that kind (a name ending in _3d for CT volumes) or leave the source out"
+            )
+        without = sum(1 for r in records if not (r.report or "").strip())
+        if without and not method.label_only_samples and data.config.tokenizer is not None:  # no tokenizer: no text
+            raise ConfigError(
+                f"source {name!r} has {without} training records without a report (image-label records), and "
+                f"{method.config.method} needs a report for every sample; train them with a method that makes "
+                "text from labels (umcl), or set require_report: true on the source to leave them out"
+            )
+
+
 def pretrain(
     config: PretrainConfig,
     out: str | Path,
@@ -303,12 +352,10 @@ def pretrain(
     started with and is never rewritten.
     """
     out = Path(out)
-    if config.loader.manifest is None:
-        raise ConfigError("no training data: set loader.manifest (CLI: --data MANIFEST)")
-    manifest = Path(config.loader.manifest)
-    if not manifest.is_file():
-        raise DataError(f"manifest {manifest} does not exist; pass the path of a .csv or .parquet manifest")
-    manifest_sha256 = sha256_of(manifest)
+    if config.loader.manifest is None and not config.loader.sources:
+        raise ConfigError("no training data: set loader.manifest (CLI: --data MANIFEST) or list loader.sources")
+    manifest_sha256 = data_fingerprint(config)
+    manifest = Path(config.loader.manifest) if config.loader.manifest is not None else None
     folder = out / "checkpoints"
     log = get_logger()
     first_process = rank_zero_only.rank == 0  # under DDP every process runs this function; one writes shared files
@@ -335,11 +382,14 @@ def pretrain(
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     if first_process:  # start-up takes a while (text encoder, manifest checks): say what is going on
         log.info(
-            f"{'resuming' if ckpt_path else 'starting'} {config.method} in {out}: checking {manifest} and building "
-            f"the model ({config.model.image.name} + {config.model.text.name})"
+            f"{'resuming' if ckpt_path else 'starting'} {config.method} in {out}: checking "
+            f"{manifest or ', '.join(config.loader.source_names())} and building the model "
+            f"({config.model.image.name} + {config.model.text.name})"
         )
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
+    data.setup("fit")
+    check_sources(method, data)
     module = PretrainModule(config, method, manifest_sha256=manifest_sha256)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     export_dir = out / "export"

@@ -42,6 +42,7 @@ class SimulationConfig:
     seed: int = 0
     size: int = 224  # radiograph side (px)
     with_3d: bool = False
+    reports: bool = True  # False: an image-label dataset (labels, no report column), as CheXpert is to MIMIC-CXR
     volume_spacing_mm: float = 3.0  # isotropic spacing of the written CT volumes
     prevalences: Mapping[str, float] | None = None  # None = the defaults of simulate.findings
     normal_fraction: float = 0.3
@@ -213,7 +214,9 @@ def simulate_one(index: int, config: SimulationConfig, out: Path) -> SampleResul
     (out / "regions").mkdir(exist_ok=True)
     region_file = f"regions/{sample_id}.json"
     (out / region_file).write_text(json.dumps({"regions": regions}, indent=1), encoding="utf-8")
-    base_row = {"split": split, "report": report.text, "patient": sample_id, "pixel_mm": round(pixel_mm, 4)}
+    base_row = {"split": split, "patient": sample_id, "pixel_mm": round(pixel_mm, 4)}
+    if config.reports:
+        base_row["report"] = report.text
     base_row.update({f"label_{k}": v for k, v in report.labels.items()})
     rows = [{"id": f"{sample_id}-cxr", "image": image_file, "modality": "xray", "view": "PA",
              "regions": region_file, **base_row}]  # fmt: skip

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from radalign.config.loading import check_options, from_dict, plain, shipped_config_dir
 from radalign.errors import ConfigError
 
 TASK_KINDS = (
@@ -69,9 +70,7 @@ class Protocol:
             raise ConfigError(f"protocol {self.name}: splits must map train, val and test; missing {sorted(missing)}")
 
     def to_dict(self) -> dict[str, Any]:
-        from radalign.training.config import _plain
-
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def task(self, name: str) -> TaskSpec:
         for spec in self.tasks:
@@ -81,8 +80,6 @@ class Protocol:
 
 
 def protocols_dir() -> Path:
-    from radalign.training.config import shipped_config_dir
-
     return shipped_config_dir() / "protocols"
 
 
@@ -101,8 +98,6 @@ def find_protocol(name_or_path: str | Path) -> Path:
 def load_protocol(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Protocol:
     """Read a protocol, apply dotted overrides ({"seeds": [0], "tasks.linear_probe.epochs": 5}), validate."""
     import yaml
-
-    from radalign.training.config import from_dict
 
     path = find_protocol(name_or_path)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -132,6 +127,4 @@ def _override(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def check_params(task: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``defaults`` updated with ``params``; a key the task does not know is an error that names it."""
-    from radalign.training.config import check_options
-
     return check_options(f"task {task}", params, defaults)
