@@ -94,3 +94,83 @@ def test_agreement_with_the_simulator_s_own_sentence_labels(labeler):
     counts = simulated_agreement(labeler, 150)
     agree, total = sum(ok for ok, _ in counts.values()), sum(n for _, n in counts.values())
     assert total > 800 and agree / total > 0.9
+
+
+# -- labelling a manifest ----------------------------------------------------------------------------------------
+def _manifest(tmp_path):
+    import pandas as pd
+
+    rows = [
+        {"id": "a", "image": "a.png", "modality": "xray",
+         "report": "FINDINGS: Small left pleural effusion. No pneumothorax.\nIMPRESSION: Possible pneumonia."},
+        {"id": "b", "image": "b.png", "modality": "xray", "report": "Cardiomegaly.", "Cardiomegaly": "0"},
+        {"id": "c", "image": "c.png", "modality": "xray", "report": "", "Cardiomegaly": ""},
+        {"id": "d", "image": "d.png", "modality": "xray", "report_path": "d.txt", "Cardiomegaly": ""},
+    ]  # fmt: skip
+    (tmp_path / "d.txt").write_text("IMPRESSION: Heart size is normal. The lungs are clear.", encoding="utf-8")
+    path = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_label_manifest_fills_rows_without_labels_and_keeps_the_datasets(tmp_path):
+    from radalign.data.manifest import read_table
+    from radalign.data.manifest_labels import label_manifest
+
+    summary = label_manifest(_manifest(tmp_path), tmp_path / "out.csv", progress=False)
+    table = read_table(tmp_path / "out.csv").set_index("id")
+    assert table["label_source"].to_dict() == {"a": "labeler", "b": "dataset", "c": "", "d": "labeler"}
+    assert table.loc["a", ["label_pleural_effusion", "label_pneumothorax", "label_pneumonia"]].tolist() == [
+        "1",
+        "0",
+        "-1",
+    ]
+    assert table.loc["a", "label_no_finding"] == ""  # a positive finding
+    assert table.loc["b", "Cardiomegaly"] == "0"  # the dataset's label stays, though the report says otherwise
+    assert table.loc["d", "Cardiomegaly"] == "0" and table.loc["d", "label_no_finding"] == "1"  # from report_path
+    assert "label_cardiomegaly" not in table.columns  # the CheXpert-spelled column is the cardiomegaly column
+    assert (summary.labelled, summary.kept, summary.without_report) == (2, 1, 1)
+
+
+def test_label_manifest_overwrites_only_when_asked_and_writes_sentences(tmp_path):
+    from radalign.data.manifest import load_manifest, read_table
+    from radalign.data.manifest_labels import label_manifest
+
+    label_manifest(_manifest(tmp_path), tmp_path / "out.csv", overwrite=True, sentences_out=tmp_path / "s.csv",
+                   progress=False)  # fmt: skip
+    table = read_table(tmp_path / "out.csv").set_index("id")
+    assert table.loc["b", "Cardiomegaly"] == "1" and table.loc["b", "label_source"] == "labeler"
+    sentences = read_table(tmp_path / "s.csv")
+    assert sentences[sentences["id"] == "a"]["text"].tolist() == [
+        "Small left pleural effusion.", "No pneumothorax.", "Possible pneumonia."
+    ]  # fmt: skip
+    manifest = load_manifest(tmp_path / "out.csv", check_files=False)
+    assert "source" not in manifest.vocabulary and "pleural_effusion" in manifest.vocabulary
+    assert manifest.records[0].labels["pneumonia"] == -1
+
+
+def test_radalign_label_refuses_to_overwrite_its_input(tmp_path, capsys):
+    from radalign.cli import main
+
+    path = _manifest(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["label", str(path), "--out", str(path)])
+    assert exit_info.value.code == 2 and "is the input manifest" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    main(["label", str(path), "--out", str(tmp_path / "l.parquet")])
+    import pandas as pd
+
+    assert pd.read_parquet(tmp_path / "l.parquet")["label_source"].tolist() == ["labeler", "dataset", "", "labeler"]
+
+
+def test_uncertain_phrases_and_pseudo_triggers():
+    labeler = Labeler.from_yaml()
+    assert labeler.label_sentence("Heart size borderline enlarged.") == {"cardiomegaly": -1}
+    assert labeler.label_sentence("No significant change in the right pleural effusion.") == {"pleural_effusion": 1}
+    assert labeler.label_sentence("No right pleural effusion.") == {"pleural_effusion": 0}  # a real "no" still works
+    rules = {"observations": {"x": {"mentions": ["thing"], "uncertain": ["maybe a thing"]}},
+             "negation": {"pre": ["no"]}, "pseudo": ["no doubt"]}  # fmt: skip
+    own = Labeler(rules)
+    assert own.label_sentence("maybe a thing") == {"x": -1}
+    assert own.label_sentence("no doubt a thing") == {"x": 1} and own.label_sentence("no thing") == {"x": 0}

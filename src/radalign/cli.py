@@ -187,9 +187,50 @@ def tokenizer_train(
     get_logger().info(f"wrote {out}: {len(tokenizer)} tokens from {len(texts)} reports")
 
 
+def label(
+    manifest: Path,
+    *,
+    out: Path,
+    rules: Path | None = None,
+    extend: bool = False,
+    sections: list[str] | None = None,
+    overwrite: bool = False,
+    sentences: Path | None = None,
+) -> None:
+    """Label a manifest's reports with radalign's rule-based labeler (docs/labeler.md), offline.
+
+        radalign label data/iu.csv --out data/iu-labelled.csv
+        radalign label data/mine.csv --out data/mine-labelled.csv --rules my-rules.yaml --extend true
+
+    Writes a copy of the manifest with label_<finding> columns (1 positive, 0 negative, -1 uncertain, empty not
+    mentioned; no_finding derived as CheXpert does) and a label_source column: labeler where the labels came from
+    the report, dataset where the manifest already had labels (kept unless --overwrite true).
+
+    Args:
+        manifest: A .csv or .parquet manifest with a report or report_path column.
+        out: The labelled manifest to write (.csv or .parquet); never the input.
+        rules: A labeler rules YAML (format: the shipped configs/labeler/default.yaml); default: the shipped rules.
+        extend: With --rules: add its phrases to the shipped rules instead of replacing them.
+        sections: Report sections to read (default FINDINGS and IMPRESSION; a report with neither: its text).
+        overwrite: Replace labels the manifest already has with the labeler's.
+        sentences: Also write one row per sentence with its labels (.csv or .parquet), to see what was decided.
+    """
+    from radalign.data.labeler import Labeler
+    from radalign.data.manifest_labels import label_manifest
+    from radalign.utils.logging import get_logger
+
+    labeler = Labeler.from_yaml(rules, extend=extend)
+    summary = label_manifest(
+        manifest, out, labeler=labeler, sections=tuple(sections or ("FINDINGS", "IMPRESSION")),
+        overwrite=overwrite, sentences_out=sentences,
+    )  # fmt: skip
+    for line in summary.lines():
+        get_logger().info(line)
+
+
 def pretrain(
     *,
-    data: Path,
+    data: Path | None = None,
     out: Path,
     max_steps: int | None = None,
     resume: bool = True,
@@ -211,7 +252,8 @@ def pretrain(
     Re-running the same command resumes from the newest checkpoint in OUT/checkpoints/ that verifies.
 
     Args:
-        data: Training manifest (.csv or .parquet); its train/val splits are used.
+        data: Training manifest (.csv or .parquet); its train/val splits are used. A multi-source run lists its
+            manifests as loader.sources in a config file instead (docs/training.md).
         out: Run folder: checkpoints/, logs/ (CSV, TensorBoard), export/ (safetensors + config.json).
         max_steps: Stop after this many optimiser steps (overrides trainer.max_steps).
         resume: Continue from the newest valid checkpoint in OUT/checkpoints/ (false: start afresh, earlier
@@ -232,7 +274,8 @@ def pretrain(
 
     from radalign.training.run import pretrain as run_pretrain
 
-    loader = dataclasses.replace(loader, manifest=data)
+    if data is not None:
+        loader = dataclasses.replace(loader, manifest=data)
     if max_steps is not None:
         trainer = dataclasses.replace(trainer, max_steps=max_steps)
     config = PretrainConfig(
@@ -414,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         "prepare": prepare,
         "tokenizer": {"train": tokenizer_train, "_help": "Tokenizers: train a WordPiece vocabulary offline."},
         "simulate": simulate,
+        "label": label,
         "pretrain": pretrain,
         "evaluate": evaluate,
         "compare": compare,

@@ -19,7 +19,9 @@ Decisions:
   the ``scope_end`` words ("but", "however", ...) and marks (";", ":"); commas do not end a clause, so "no
   effusion, pneumothorax or consolidation" negates all three.
 - Uncertainty wins over negation ("cannot be excluded" contains a negation word), negation over a plain mention.
-  A ``negative`` phrase ("heart size is normal") is a negated mention whatever surrounds it, unless uncertain.
+  A ``negative`` phrase ("heart size is normal") is a negated mention whatever surrounds it, unless uncertain;
+  an ``uncertain`` phrase ("heart size is borderline") is uncertain whatever surrounds it. ``pseudo`` phrases
+  ("no change in") hide the trigger words inside them: "no change in the effusion" is an effusion.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class Labeler:
                 self._mentions.add(phrase, name, "exclude")
             for phrase in spec.get("negative", []):
                 self._mentions.add(phrase, name, "negative")
+            for phrase in spec.get("uncertain", []):
+                self._mentions.add(phrase, name, "uncertain")
             for phrase in spec.get("mentions", []):
                 self._mentions.add(phrase, name, "mention")
             self._also[name] = tuple(spec.get("also", []))
@@ -126,6 +130,10 @@ class Labeler:
                 for phrase in rules.get(family, {}).get(where, []):
                     self._triggers.add(phrase, family, where)
         self._trigger_index = self._triggers.index()
+        pseudo = _Phrases()
+        for phrase in rules.get("pseudo", []):
+            pseudo.add(phrase, "pseudo", "pseudo")
+        self._pseudo_index = pseudo.index()
         scope = _Phrases()
         for phrase in rules.get("scope_end", []):
             scope.add(phrase, "scope_end", "end")
@@ -182,7 +190,10 @@ class Labeler:
     def _find_triggers(self, tokens: list[str]) -> list[tuple[int, int, str, str]]:
         # longest first within each (family, side): "no evidence of" is one trigger; a phrase listed on both sides
         # ("versus", "cannot be excluded") acts both ways
-        return _longest_first(list(_matches(self._trigger_index, tokens)), key=lambda m: (m[2], m[3]))
+        found = _longest_first(list(_matches(self._trigger_index, tokens)), key=lambda m: (m[2], m[3]))
+        # a pseudo-trigger ("no change in", "not only") holds trigger words that negate or hedge nothing
+        hidden = {i for start, end, _, _ in _matches(self._pseudo_index, tokens) for i in range(start, end)}
+        return [t for t in found if not hidden.intersection(range(t[0], t[1]))] if hidden else found
 
     def _clauses(self, tokens: list[str]) -> list[int]:
         """Clause number of every token: a scope-end word or mark starts the next clause."""
@@ -197,7 +208,7 @@ class Labeler:
 
     def _value(self, start: int, end: int, kind: str, triggers: list, clause: list[int]) -> int:
         negated = kind == "negative"
-        uncertain = False
+        uncertain = kind == "uncertain"
         for t_start, t_end, family, where in triggers:
             if where == "pre" and t_end <= start:
                 near = start - t_end <= self.window and clause[t_start] == clause[start]
@@ -247,18 +258,18 @@ def check_rules(rules: Any, where: Path | str) -> None:
     """A rules file's shape, with the key and file named when it is wrong."""
     if not isinstance(rules, dict) or not isinstance(rules.get("observations", {}), dict):
         raise ConfigError(f"labeler rules {where}: expected a mapping with an 'observations' mapping")
-    known = {"version", "observations", "negation", "uncertainty", "scope_end"}
+    known = {"version", "observations", "negation", "uncertainty", "pseudo", "scope_end"}
     unknown = sorted(set(rules) - known)
     if unknown:
         raise ConfigError(f"labeler rules {where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
     for name, spec in rules.get("observations", {}).items():
         if not isinstance(spec, dict):
             raise ConfigError(f"labeler rules {where}: observation {name!r} must be a mapping of phrase lists")
-        bad = sorted(set(spec) - {"mentions", "negative", "exclude", "also"})
+        bad = sorted(set(spec) - {"mentions", "negative", "uncertain", "exclude", "also"})
         if bad:
             raise ConfigError(
                 f"labeler rules {where}: observation {name!r} has unknown key {bad[0]!r}; "
-                "valid: mentions, negative, exclude, also"
+                "valid: mentions, negative, uncertain, exclude, also"
             )
 
 
@@ -268,6 +279,7 @@ def merge_rules(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         "observations": {k: {kk: list(vv) for kk, vv in v.items()} for k, v in base["observations"].items()},
         "negation": {k: list(v) for k, v in base.get("negation", {}).items()},
         "uncertainty": {k: list(v) for k, v in base.get("uncertainty", {}).items()},
+        "pseudo": list(base.get("pseudo", [])),
         "scope_end": list(base.get("scope_end", [])),
     }
     for name, spec in extra.get("observations", {}).items():
@@ -279,5 +291,6 @@ def merge_rules(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         for where, phrases in extra.get(family, {}).items():
             out[family].setdefault(where, [])
             out[family][where] += [p for p in phrases if p not in out[family][where]]
-    out["scope_end"] += [p for p in extra.get("scope_end", []) if p not in out["scope_end"]]
+    for key in ("pseudo", "scope_end"):
+        out[key] += [p for p in extra.get(key, []) if p not in out[key]]
     return out

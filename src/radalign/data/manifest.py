@@ -13,6 +13,7 @@ column         required  meaning
 ``view``       no        PA / AP / LATERAL / AXIAL
 ``report``     no        report text; or ``report_path``: a UTF-8 text file relative to the manifest
 ``label_X``    no        one column per finding X: 1, 0, -1 (uncertain) or empty (missing)
+``label_source`` no      where a row's labels come from: ``dataset``, ``labeler`` (``radalign label``) or empty
 ``regions``    no        a JSON file of boxes/masks per finding (format in docs/data.md)
 anything else  no        kept as metadata
 =============  ========  ==================================================================================
@@ -49,7 +50,8 @@ from radalign.errors import DataError
 
 LABEL_PREFIX = "label_"
 SPLITS = ("train", "val", "test")
-KNOWN_COLUMNS = ("id", "image", "modality", "split", "view", "report", "report_path", "regions")
+# label_source: "dataset" / "labeler" (radalign label), which a label_ prefix must not make a finding
+KNOWN_COLUMNS = ("id", "image", "modality", "split", "view", "report", "report_path", "regions", "label_source")
 IMAGE_SEPARATOR = "|"
 
 OnError = Literal["fail", "skip"]
@@ -285,7 +287,11 @@ def label_columns_of(columns: Sequence[str]) -> tuple[dict[str, str], list[str]]
     """
     import difflib
 
-    labels = {c: finding_key(c[len(LABEL_PREFIX) :]) for c in columns if str(c).startswith(LABEL_PREFIX)}
+    labels = {
+        c: finding_key(c[len(LABEL_PREFIX) :])
+        for c in columns
+        if str(c).startswith(LABEL_PREFIX) and c not in KNOWN_COLUMNS
+    }
     notes: list[str] = []
     for column, name in labels.items():
         if name not in DEFAULT_FINDINGS:
@@ -543,14 +549,28 @@ def write_manifest(records: Iterable[Record], path: str | Path, *, vocabulary: S
             row[LABEL_PREFIX + name] = "" if value is None else str(value)
         row.update({k: v for k, v in r.metadata.items() if k not in row})
         rows.append(row)
-    table = pd.DataFrame(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        table.to_parquet(path, index=False)
-    elif path.suffix.lower() == ".csv":
-        table.map(_escape_cell).to_csv(path, index=False)
-    else:
+    return write_table(pd.DataFrame(rows), path)
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write a manifest table as CSV (cells a spreadsheet would run as formulas quoted, as ``read_table`` undoes)
+    or Parquet, by suffix; written beside and renamed into place, so a failure leaves no half-written file."""
+    import os
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv"):
         raise DataError(f"cannot write manifest {path}: use a .csv or .parquet suffix")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        if suffix == ".csv":
+            table.map(_escape_cell).to_csv(partial, index=False)
+        else:
+            table.to_parquet(partial, index=False)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -377,8 +377,6 @@ def pretrain(
         _refuse_foreign_run(out, config)
     _quiet_lightning(config)
     trainer = build_trainer(config, out, callbacks)  # before anything is written: it checks the trainer settings
-    if first_process:
-        _record_config(out, config, resumed_step, changes)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     if first_process:  # start-up takes a while (text encoder, manifest checks): say what is going on
         log.info(
@@ -389,7 +387,9 @@ def pretrain(
     data = RadDataModule(config.loader)
     method = build_method(config, tokenizer=data.tokenizer)
     data.setup("fit")
-    check_sources(method, data)
+    check_sources(method, data)  # data the method cannot use is refused before anything is written
+    if first_process:
+        _record_config(out, config, resumed_step, changes)
     module = PretrainModule(config, method, manifest_sha256=manifest_sha256)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     export_dir = out / "export"
