@@ -5,6 +5,7 @@ registered at import time here, not in a test module. Each rank writes what it s
 ids of the samples it trained on) to ``RECORD/rank-R.json`` so the test can compare ranks and runs.
 
     python tests/ddp_toy_run.py MANIFEST RUN RECORD [--sync-batchnorm] [--devices 2] [--steps 4] [--stop-at N]
+        [--second-source MANIFEST]   (two weighted sources, 3:1, instead of one manifest)
 """
 
 from __future__ import annotations
@@ -91,14 +92,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--stop-at", type=int, default=None)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--second-source", default=None)
     args = parser.parse_args()
+    data = {"manifest": args.manifest}
+    if args.second_source:
+        data = {"sources": [{"manifest": args.manifest, "name": "first", "weight": 3.0},
+                            {"manifest": args.second_source, "name": "second", "weight": 1.0}]}  # fmt: skip
     config = from_dict(
         PretrainConfig,
         {
             "method": "ddp-toy",
             "objectives": {"fit": {"weight": 1.0}},
             "optim": {"lr": 1e-2, "warmup_steps": 1},
-            "loader": {"manifest": args.manifest, "tokenizer": None, "image_size": 32, "batch_size": args.batch_size,
+            "loader": {**data, "tokenizer": None, "image_size": 32, "batch_size": args.batch_size,
                        "preset": "none", "require_report": False},
             "trainer": {"max_steps": args.steps, "progress": False, "checkpoint_every_n_steps": 1,
                         "log_every_n_steps": 1, "accelerator": args.accelerator, "devices": args.devices,

@@ -205,6 +205,10 @@ def test_a_run_mixes_2d_3d_and_label_only_sources_and_resumes_exactly(two_source
     resumed = pretrain(_config(sources), tmp_path / "resumed")
     a, b = (load_file(r.export / "model.safetensors") for r in (straight, resumed))
     assert resumed.steps == 6 and all(torch.equal(a[k], b[k]) for k in a)
+    # samples seen per source are logged, and continue across the resume: 6 steps x (4 2D + 2 CT)
+    seen = {k: v for k, v in resumed.metrics.items() if k.startswith("data/seen/")}
+    assert seen.keys() == {"data/seen/paired", "data/seen/labels", "data/seen/ct"} and seen["data/seen/ct"] == 12
+    assert seen["data/seen/paired"] + seen["data/seen/labels"] == 24
 
 
 def test_a_method_that_needs_reports_refuses_a_label_only_source_by_name(two_sources, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from typing import Any
 
 import lightning as L
@@ -40,6 +41,7 @@ class PretrainModule(L.LightningModule):
         self._started_stages: set[int] = set()
         self._optimizer_start_step = 0
         self._tick: float | None = None
+        self.seen: Counter[str] = Counter()  # training samples this process has read, per source (in checkpoints)
 
     # -- training ---------------------------------------------------------------------------------------------
     def weighted_loss(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -67,6 +69,7 @@ class PretrainModule(L.LightningModule):
         losses = self.method_losses(batch)
         total, _ = self.weighted_loss(losses)
         size = batch["batch_size"]
+        self._count_sources(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=size)
@@ -74,6 +77,26 @@ class PretrainModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return total
+
+    def _count_sources(self, batch: dict[str, Any]) -> None:
+        for part in batch.get("parts", [batch]):
+            self.seen.update(part.get("source", []))
+        if self.global_step % self.config.trainer.log_every_n_steps:
+            return
+        world = self.trainer.world_size
+        for name in self.config.loader.source_names():  # the same names on every process: one collective each
+            self.log(f"data/seen/{name}", float(self.seen[name]), on_step=True, on_epoch=False, reduce_fx="sum",
+                     sync_dist=world > 1, batch_size=1)  # fmt: skip
+
+    def on_train_end(self) -> None:
+        seen = [dict(self.seen)]
+        if self.trainer.world_size > 1:
+            seen = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(seen, dict(self.seen))
+        if self.trainer.is_global_zero and len(self.config.loader.source_names()) > 1:
+            total = sum((Counter(s) for s in seen), Counter())
+            get_logger().info("training samples seen per source: " + ", ".join(
+                f"{name} {total[name]}" for name in self.config.loader.source_names()))  # fmt: skip
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch["batch_size"] == 0:
@@ -167,14 +190,18 @@ class PretrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # called on every rank (only global rank 0 writes): the generators of all of them go into the file
         states = [rng_state()]
+        seen = [dict(self.seen)]
         if self.trainer.world_size > 1:
             states = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(states, rng_state())
+            seen = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(seen, dict(self.seen))
         checkpoint["radalign"] = {
             "started_stages": sorted(self._started_stages),
             "optimizer_start_step": self._optimizer_start_step,
             "rng": states[0],
             "rng_per_rank": states,
+            "seen_per_rank": seen,
             "manifest_sha256": self.manifest_sha256,
         }
 
@@ -185,6 +212,8 @@ class PretrainModule(L.LightningModule):
         # dropout and anything else on the global generators continues as if never stopped, on every rank
         per_rank = state.get("rng_per_rank") or ([state["rng"]] if "rng" in state else [])
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        seen = state.get("seen_per_rank") or []
+        self.seen = Counter(seen[rank]) if rank < len(seen) else Counter()
         if rank < len(per_rank):  # a rank the checkpoint did not know keeps the seed setup() gave it
             set_rng_state(per_rank[rank])
         if per_rank and len(per_rank) != world and rank == 0:
