@@ -131,6 +131,19 @@ class Encoder:
             chunks.append(self.method.encode_texts(tokens).float().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0)
 
+    @torch.no_grad()
+    def encode_learned_prompts(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        """Class texts ("pleural effusion", "no pneumothorax") through the model's learned prompt context (UMCL)
+        -> (N, D) on the CPU; a model without learned prompts says so."""
+        encode = getattr(self.method, "encode_learned_prompts", None)
+        if encode is None or getattr(self.method, "prompt_learner", None) is None:
+            raise ConfigError(
+                f"this {self.method.config.method} model has no learned prompts (only UMCL with prompts: learned "
+                "has them); use the zero-shot prompts pairs, single, ensemble or custom"
+            )
+        chunks = [encode(list(texts[i : i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> the GPU when one is visible, else the CPU (the rule pre-training's accelerator follows too);

@@ -92,6 +92,8 @@ class OptimConfig:
         schedule: After the warm-up: cosine (decay to min_lr_ratio x lr by the last step) or constant (lr throughout).
         min_lr_ratio: The cosine schedule's final learning rate as a fraction of lr (0 = decay to zero).
         lr_multipliers: Parameter-name prefix -> lr factor, e.g. {text_encoder.: 0.1}; the last matching prefix wins.
+        weight_decays: Parameter-name prefix -> weight decay for those parameters, e.g. {prompt_learner.: 0.0};
+            the last matching prefix wins (others: weight_decay; 1-D parameters: none).
     """
 
     lr: float = 1e-4
@@ -101,6 +103,7 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # the cosine's floor as a fraction of lr
     lr_multipliers: dict[str, float] = field(default_factory=dict)  # submodule name prefix -> factor
+    weight_decays: dict[str, float] = field(default_factory=dict)  # submodule name prefix -> its weight decay
 
 
 @dataclass

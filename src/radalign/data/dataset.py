@@ -128,6 +128,7 @@ class RadDataset(Dataset):
             "view": record.view.value if record.view is not None else "",
             "source": self.source,
             "has_report": False,
+            "vocabulary": self.vocabulary,
         }
         report = self.load_report(record)
         if report is not None and not report.is_empty:
@@ -150,8 +151,9 @@ class Collate:
     A batch may mix image-report and image-label items: ``has_report`` (B,) says which is which, and the text
     tensors have a row for every item, all padding (attention 0) for those without a report, for the method to
     fill (UMCL writes a prompt from the labels there). ``label_mask`` (B, F) is True where a label is known.
-    ``batch_modality`` names the batch's kind (xray or ct). Items of two modalities (a multi-source run's step)
-    become ``{"parts": [batch, batch], "batch_size", "skipped"}``, one batch per modality.
+    ``batch_modality`` names the batch's kind (xray or ct), ``vocabulary`` the findings of the label columns.
+    Items of two modalities (a multi-source run's step) become ``{"parts": [batch, batch], "batch_size",
+    "skipped"}``, one batch per modality.
     """
 
     def __init__(self, pad_token_id: int = 0) -> None:
@@ -186,6 +188,7 @@ class Collate:
         batch["image"] = torch.stack([s["image"] for s in good])
         batch["labels"] = torch.stack([s["labels"] for s in good])
         batch["label_mask"] = ~torch.isnan(batch["labels"])
+        batch["vocabulary"] = tuple(good[0].get("vocabulary", ()))  # the names of the label columns
         if any("input_ids" in s for s in good):
             self._pad_text(good, batch)
         if any("sentences" in s for s in good):

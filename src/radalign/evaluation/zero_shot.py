@@ -8,6 +8,8 @@ Prompt sets (``prompts`` param):
 - ``ensemble``: GLoRIA-style: prompts composed from severity x subtype x location word lists, ``n_prompts``
   sampled per class (seeded), embeddings averaged and re-normalised.
 - ``custom``: ``{finding: {positive: [...], negative: [...]}}`` from the protocol.
+- ``learned``: the model's own learned prompt context (UMCL) before the finding's name and before "no <name>",
+  scored as a pair.
 
 ``mode: multilabel`` gives AUROC per finding (uncertain and missing labels left out) and the macro mean;
 ``mode: multiclass`` (CheXpert 5x200 style) keeps images with exactly one positive among the findings and
@@ -124,6 +126,8 @@ def prompt_set(findings: Sequence[str], params: Mapping[str, Any]) -> dict[str, 
             result[finding] = ([params["template"].format(name=display_name(finding).capitalize())], [])
         elif kind == "ensemble":
             result[finding] = (ensemble_prompts(finding, params["n_prompts"]), [])
+        elif kind == "learned":  # encoded through the model's context vectors (encode_learned_prompts)
+            result[finding] = ([display_name(finding)], [f"no {display_name(finding)}"])
         elif kind == "custom":
             spec = params["custom"].get(finding)
             if not spec or not spec.get("positive"):
@@ -134,7 +138,7 @@ def prompt_set(findings: Sequence[str], params: Mapping[str, Any]) -> dict[str, 
         else:
             from radalign.errors import ConfigError
 
-            raise ConfigError(f"zero_shot: prompts must be pairs, single, ensemble or custom, got {kind!r}")
+            raise ConfigError(f"zero_shot: prompts must be pairs, single, ensemble, custom or learned, got {kind!r}")
     return result
 
 
@@ -233,7 +237,8 @@ def run_zero_shot(ctx: Any, spec: Any) -> Any:
         )
     prompts = prompt_set(findings, params)
     local = _local_scores(ctx, prompts) if params["local_weight"] else None
-    scores = score_images(embedded.images, ctx.model.encode_texts, prompts, params["temperature"],
+    encode = ctx.model.encode_learned_prompts if params["prompts"] == "learned" else ctx.model.encode_texts
+    scores = score_images(embedded.images, encode, prompts, params["temperature"],
                           local=local, local_weight=params["local_weight"])  # fmt: skip
     resamples = ctx.protocol.bootstrap
     if params["mode"] == "multiclass":

@@ -234,16 +234,37 @@ class InfoNCE(nn.Module):
         return f"temperature={tau:.4g}, learnable={self.learnable}, weights={self.direction_weights}"
 
 
-def label_positives(labels: Tensor, labels_all: Tensor | None = None) -> Tensor:
+def label_positives(labels: Tensor, labels_all: Tensor | None = None, unknown: str = "match") -> Tensor:
     """Positive sets from label vectors (UniCL): i and j are positives when their label vectors are equal.
 
-    labels (B, F) with NaN = missing; ``labels_all`` (N, F) the gathered batch (default: ``labels``). Missing
-    entries must match (NaN == NaN); a sample with no labels at all has only itself as positive (added by
-    :func:`contrastive_targets`).
+    labels (B, F) with NaN = unknown; ``labels_all`` (N, F) the gathered batch (default: ``labels``).
+    ``unknown="match"``: an unknown entry equals only another unknown one (NaN == NaN). ``unknown="ignore"``: an
+    observation unknown in either vector is left out of the comparison, and the two must share at least one known
+    observation. A sample with no labels at all has only itself as positive (added by :func:`contrastive_targets`).
     """
+    if unknown not in ("match", "ignore"):
+        raise ConfigError(f"label_positives: unknown must be 'match' or 'ignore', got {unknown!r}")
     labels = labels.float()
     labels_all = labels if labels_all is None else labels_all.float()
     a, b = labels.unsqueeze(1), labels_all.unsqueeze(0)  # (B, 1, F), (1, N, F)
-    equal = ((a == b) | (a.isnan() & b.isnan())).all(dim=-1)  # (B, N)
+    if unknown == "match":
+        equal = ((a == b) | (a.isnan() & b.isnan())).all(dim=-1)  # (B, N)
+    else:
+        both = ~a.isnan() & ~b.isnan()
+        equal = ((a == b) | ~both).all(dim=-1) & both.any(dim=-1)
     has_labels = ~labels.isnan().all(dim=-1)
     return equal & has_labels.unsqueeze(1) & ~labels_all.isnan().all(dim=-1).unsqueeze(0)
+
+
+def label_similarity_targets(labels: Tensor, labels_all: Tensor | None = None) -> Tensor:
+    """Soft targets from label similarity (MedCLIP's semantic matching): row-wise softmax of the label vectors'
+    dot products, (B, N). labels (B, F) in {1, 0} with NaN = unknown (counted as 0). A sample without labels is
+    its own only target (its row one-hot by :func:`contrastive_targets`) and no one else's (its column 0)."""
+    labels = labels.float()
+    labels_all = labels if labels_all is None else labels_all.float()
+    scores = labels.nan_to_num(0.0) @ labels_all.nan_to_num(0.0).T  # (B, N)
+    labelled = ~labels_all.isnan().all(dim=-1)
+    if not bool(labelled.any()):
+        return torch.zeros_like(scores)
+    targets = scores.masked_fill(~labelled.unsqueeze(0), float("-inf")).softmax(dim=1)
+    return targets * (~labels.isnan().all(dim=-1)).unsqueeze(1)

@@ -157,7 +157,7 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.config.optim
         base_lr, warmup_steps = self._stage_optim()
-        groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
         for name, param in self.method.named_parameters():
             if not param.requires_grad or name.startswith("ema."):
                 continue
@@ -166,10 +166,14 @@ class PretrainModule(L.LightningModule):
                 if name.startswith(prefix):
                     factor = multiplier
             no_decay = param.ndim <= 1 or name.endswith(".bias")  # norms, biases, temperatures: no weight decay
-            groups.setdefault((factor, no_decay), []).append(param)
+            decay = 0.0 if no_decay else optim.weight_decay
+            for prefix, value in optim.weight_decays.items():
+                if name.startswith(prefix):
+                    decay = float(value)
+            groups.setdefault((factor, decay), []).append(param)
         param_groups = [
-            {"params": params, "lr": base_lr * factor, "weight_decay": 0.0 if no_decay else optim.weight_decay}
-            for (factor, no_decay), params in groups.items()
+            {"params": params, "lr": base_lr * factor, "weight_decay": decay}
+            for (factor, decay), params in groups.items()
         ]
         optimizer = torch.optim.AdamW(param_groups, lr=base_lr, betas=optim.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches) - self._optimizer_start_step)
