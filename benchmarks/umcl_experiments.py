@@ -10,7 +10,7 @@ steps of batch 32, per pre-training seed; evaluation is the ``quick`` protocol's
 probe (1% and 100%) on the paired data's test split. Cells are mean ± sd over pre-training seeds. Runs are skipped
 when their results exist, so an interrupted run resumes.
 
-    .venv/bin/python benchmarks/umcl_experiments.py --out bench_out/umcl            # 2 seeds, ~40 min on 2 cores
+    .venv/bin/python benchmarks/umcl_experiments.py --out bench_out/umcl            # 2 seeds, about an hour on 2 cores
     .venv/bin/python benchmarks/umcl_experiments.py --out bench_out/umcl-quick --seeds 0 --steps 30 --n 300
 """
 
