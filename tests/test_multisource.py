@@ -55,6 +55,15 @@ def test_no_item_of_a_source_repeats_before_the_source_is_used_up():
             assert sorted(chunk) == list(range(sampler.starts[source], sampler.starts[source] + size))
 
 
+def test_no_batch_holds_an_item_twice_across_a_reshuffle():
+    sampler = _sampler(sizes=[20, 200], weights=[9.0, 1.0], batch_sizes={"xray": 8})  # source 0 reshuffles often
+    batches = [b for epoch in range(30) for b in (sampler.set_epoch(epoch), list(sampler))[1]]
+    assert all(len(set(b)) == len(b) for b in batches)
+    fresh = _sampler(sizes=[20, 200], weights=[9.0, 1.0], batch_sizes={"xray": 8})
+    fresh.set_epoch(29)
+    assert list(fresh) == batches[-len(fresh) :]  # each pass depends on the one before: still a function of seed
+
+
 def test_the_stream_is_a_function_of_the_seed():
     assert list(_sampler()) == list(_sampler())
     assert list(_sampler()) != list(_sampler(seed=5))

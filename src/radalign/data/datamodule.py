@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from radalign.config import DataConfig
 from radalign.data.cache import PreparedCache
-from radalign.data.dataset import Collate, RadDataset, seed_worker
+from radalign.data.dataset import Collate, RadDataset, mixed_seed, seed_worker
 from radalign.data.manifest import Manifest, load_manifest
 from radalign.data.multisource import SourcesDataset, WeightedSourceSampler
 from radalign.data.schema import Modality
@@ -289,9 +289,10 @@ class EpochSampler(Sampler[int | tuple[int, int]]):
     consumed items are exactly the first t x b x W of the order.
 
     With ``per_item_seeds`` it yields ``(index, sample_seed)`` and the dataset draws that item's augmentation from
-    ``sample_seed`` (a hash of seed, epoch and index): what keeps loader workers reproducible, since which worker
-    reads an item, and what that worker's generator drew before, changes after a resume. Without workers the items
-    are augmented in order in the main process from torch's global generator, whose state the checkpoint keeps.
+    ``sample_seed`` (``mixed_seed`` of seed, epoch and index): what keeps loader workers reproducible, since which
+    worker reads an item, and what that worker's generator drew before, changes after a resume. Without workers the
+    items are augmented in order in the main process from torch's global generator, whose state the checkpoint
+    keeps.
     """
 
     def __init__(
@@ -324,17 +325,10 @@ class EpochSampler(Sampler[int | tuple[int, int]]):
         if not self.per_item_seeds:
             return iter(mine)
         epoch = self.epoch  # seeds drawn lazily: an epoch of a large archive would otherwise hash every index up front
-        return ((index, sample_seed(self.seed, epoch, index)) for index in mine)
+        return ((index, mixed_seed(self.seed, epoch, index)) for index in mine)
 
     def __len__(self) -> int:
         return self.size // self.num_replicas
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 64-bit seed for one item of one epoch (SeedSequence: nearby inputs give unrelated seeds)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
 
 
 class ResumableLoader(DataLoader):

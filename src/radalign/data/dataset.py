@@ -217,6 +217,12 @@ class Collate:
         batch["n_sentences"] = token_sentence.amax(dim=1) + 1  # (B,)
 
 
+def mixed_seed(*parts: int) -> int:
+    """A well-mixed 64-bit seed from several non-negative integers (SeedSequence: nearby inputs give unrelated
+    seeds): an item's augmentation seed (seed, epoch, index), a multi-source batch's draw."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and random in each DataLoader worker from torch's per-worker seed (reproducible augments)."""
     seed = torch.initial_seed() % 2**32

@@ -10,7 +10,8 @@ Decisions:
   subsampled). ``mix_modalities: both`` gives every optimiser step one batch of each group (the collate hands
   them to the engine as ``parts``); ``alternate`` gives the steps to the groups in turn.
 - Within a source the items come in the order of a seeded permutation, reshuffled each time the source is used
-  up: no item repeats before every item of its source has been seen once.
+  up: no item repeats before every item of its source has been seen once, nor twice in one batch across the
+  reshuffle (for a source of at least two batches' worth of items).
 - The whole stream is a function of the seed and the global batch number, computed for all processes together:
   process r of W takes slots [r x B, (r + 1) x B) of each global batch, so no two processes read the same item
   and every process gets the same number of batches. A resume replays the cheap part (which source each slot
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from radalign.data.dataset import RadDataset
+from radalign.data.dataset import RadDataset, mixed_seed
 
 
 class SourcesDataset(Dataset):
@@ -116,7 +117,7 @@ class WeightedSourceSampler(Sampler[list[Any]]):
         slots = self.batch_sizes[group] * self.num_replicas
         if len(members) == 1:
             return [members[0]] * slots
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, batch, self.group_names.index(group)))
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, batch, self.group_names.index(group)))
         probs = torch.tensor([self.weights[i] for i in members], dtype=torch.float64)
         picks = torch.multinomial(probs, slots, replacement=True, generator=generator)
         return [members[i] for i in picks.tolist()]
@@ -136,18 +137,34 @@ class WeightedSourceSampler(Sampler[list[Any]]):
 
     def _item(self, source: int, position: int) -> Any:
         cycle, at = divmod(position, self.sizes[source])
-        key = (source, cycle)
-        if key not in self._perms:
-            if len(self._perms) > 4 * len(self.sizes):
-                self._perms.clear()
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, source, cycle, 1))
-            self._perms[key] = torch.randperm(self.sizes[source], generator=generator).tolist()
-        index = self.starts[source] + self._perms[key][at]
+        index = self.starts[source] + self._permutation(source, cycle)[at]
         if not self.per_item_seeds:
             return index
-        from radalign.data.datamodule import sample_seed
+        return index, mixed_seed(self.seed, cycle * len(self.sizes) + source, index)
 
-        return index, sample_seed(self.seed, cycle * len(self.sizes) + source, index)
+    def _permutation(self, source: int, cycle: int) -> list[int]:
+        """The order of ``source``'s items in its ``cycle``-th pass: a seeded shuffle whose first k items avoid the
+        previous pass's last k (k = the slots of a global batch), so a batch that straddles the reshuffle never
+        holds one item twice (a duplicate would be its own false negative). A source smaller than 2k cannot
+        avoid it and is shuffled plainly. Each pass depends on the one before: built upwards from the newest
+        pass kept (a loop, not a recursion, for runs of many passes)."""
+        if (source, cycle) in self._perms:
+            return self._perms[(source, cycle)]
+        known = [c for (s, c) in self._perms if s == source and c < cycle]
+        first = max(known) + 1 if known else 0
+        size, k = self.sizes[source], self.batch_sizes[self.groups[source]] * self.num_replicas
+        for c in range(first, cycle + 1):
+            generator = torch.Generator().manual_seed(mixed_seed(self.seed, source, c, 1))
+            order = torch.randperm(size, generator=generator).tolist()
+            if c > 0 and size >= 2 * k:
+                tail = set(self._perms[(source, c - 1)][-k:])
+                head = [i for i in order if i not in tail][:k]
+                taken = set(head)
+                order = head + [i for i in order if i not in taken]
+            self._perms[(source, c)] = order
+            # keep the two newest passes of each source: the stream only moves forward (a rewind rebuilds)
+            self._perms.pop((source, c - 2), None)
+        return self._perms[(source, cycle)]
 
     def batch(self, batch: int, used: list[int]) -> list[Any]:
         """This process's items of global batch ``batch``; advances ``used`` by all processes' items."""
@@ -178,10 +195,3 @@ class WeightedSourceSampler(Sampler[list[Any]]):
         """Continue epoch ``epoch`` after the ``handed_out`` batches each process had trained on."""
         self.set_epoch(epoch)
         self.offset = handed_out
-
-
-def _mix_seed(*parts: int) -> int:
-    """One 63-bit generator seed from several integers (nearby inputs give unrelated seeds)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, np.uint64)[0] >> 1)

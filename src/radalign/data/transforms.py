@@ -31,7 +31,7 @@ Decisions:
 - **RNG**: every random draw comes from torch's global RNG (torchvision v2 draws from it; MONAI's numpy state
   is re-seeded from it on each call; the text augmentation uses it or a given ``torch.Generator``), so
   ``torch.manual_seed`` makes augmentation reproducible; with loader workers the training dataset seeds it per
-  item (``EpochSampler``'s ``sample_seed``), inside a fork of the generator.
+  item (``EpochSampler``'s per-item ``mixed_seed``), inside a fork of the generator.
 
 **3D** (``build_volume_transform``): the returned callable is ``f(volume, spacing)`` with volume (1, X, Y, Z)
 in HU, RAS+ (``schema.py``), and spacing in mm per array axis: the spacing travels with the sample
