@@ -104,23 +104,9 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise free texts the way training tokenised reports (each text's sentences, with indices)."""
-        from radalign.data.dataset import Collate
-        from radalign.data.reports import split_sentences
-        from radalign.data.tokenization import encode_report
+        from radalign.data.dataset import tokenize_texts
 
-        items = []
-        for text in texts:
-            encoded = encode_report(self.tokenizer, split_sentences(text) or [text], self.max_length)
-            items.append(
-                {
-                    "input_ids": torch.from_numpy(encoded.input_ids),
-                    "token_sentence": torch.from_numpy(encoded.token_sentence),
-                    "token_word": torch.from_numpy(encoded.token_word),
-                }
-            )
-        batch: dict[str, Any] = {}
-        Collate(pad_token_id=getattr(self.tokenizer, "pad_token_id", 0) or 0)._pad_text(items, batch)
-        return batch
+        return tokenize_texts(self.tokenizer, texts, self.max_length)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:

@@ -217,6 +217,21 @@ class Collate:
         batch["n_sentences"] = token_sentence.amax(dim=1) + 1  # (B,)
 
 
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int, *, sentences: bool = True) -> dict[str, Any]:
+    """Free texts -> padded text tensors as a batch holds them (``input_ids``, ``attention_mask``, ``token_sentence``,
+    ``token_word``, ``n_sentences``); ``sentences``: split each text into sentences first, as training did reports."""
+    from radalign.data.reports import split_sentences
+
+    items = []
+    for text in texts:
+        parts = (split_sentences(text) or [text]) if sentences else [text]
+        encoded = encode_report(tokenizer, parts, max_length)
+        items.append({k: torch.from_numpy(getattr(encoded, k)) for k in ("input_ids", "token_sentence", "token_word")})
+    batch: dict[str, Any] = {}
+    Collate(pad_token_id=getattr(tokenizer, "pad_token_id", 0) or 0)._pad_text(items, batch)
+    return batch
+
+
 def mixed_seed(*parts: int) -> int:
     """A well-mixed 64-bit seed from several non-negative integers (SeedSequence: nearby inputs give unrelated
     seeds): an item's augmentation seed (seed, epoch, index), a multi-source batch's draw."""

@@ -169,18 +169,11 @@ class UMCL(CLIP):
         return [c for c in self.classes if re.search(rf"\b{re.escape(c.replace('_', ' '))}\b", text.lower())]
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        from radalign.data.dataset import Collate
-        from radalign.data.tokenization import encode_report
+        from radalign.data.dataset import tokenize_texts
 
         if self.tokenizer is None:
             raise ConfigError("umcl: needs the tokenizer to write prompts (set loader.tokenizer)")
-        items = []
-        for text in texts:
-            encoded = encode_report(self.tokenizer, [text], self.config.loader.max_length)
-            items.append({k: torch.from_numpy(getattr(encoded, k)) for k in ("input_ids", "token_sentence",
-                                                                                 "token_word")})  # fmt: skip
-        batch: dict[str, Any] = {}
-        Collate(pad_token_id=getattr(self.tokenizer, "pad_token_id", 0) or 0)._pad_text(items, batch)
+        batch = tokenize_texts(self.tokenizer, texts, self.config.loader.max_length, sentences=False)
         device = self.text_head.parameters().__next__().device
         return {k: v.to(device) for k, v in batch.items() if k != "n_sentences"}
 
