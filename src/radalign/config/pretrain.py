@@ -211,6 +211,14 @@ class PretrainConfig:
                 weights.update(stage.weights)
         return weights
 
+    def objective_ever_on(self, name: str) -> bool:
+        """Whether objective ``name`` has a non-zero weight at some point of the run (its own weight, default 1, or
+        a stage's): a method builds the modules of an objective that never counts not at all."""
+        spec = self.objectives.get(name, {})
+        if float(spec.get("weight", 1.0)) != 0:
+            return True
+        return any(float(stage.weights.get(name, 0.0)) != 0 for stage in self.stages)
+
     def to_dict(self) -> dict[str, Any]:
         return plain(dataclasses.asdict(self))
 

@@ -45,6 +45,9 @@ class Method(nn.Module):
         # Objective weights in force, set by the training module before each ``losses`` call (None outside
         # training: compute everything). A method may skip an objective whose weight is 0.
         self.stage_weights: dict[str, float] | None = None
+        # The optimiser step being computed, set with ``stage_weights`` (None outside training): the clock of
+        # schedules inside a method (MLIP's distillation ramp and knowledge refresh) and of per-step seeds.
+        self.step: int | None = None
 
     def modalities(self) -> set[str]:
         """The image kinds its encoder takes: ``ct`` for a 3D encoder (a name ending in _3d), else ``xray``; a

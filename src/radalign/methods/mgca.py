@@ -32,7 +32,7 @@ computes them under ``torch.no_grad``; ``uniform`` weighs every word equally.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +62,13 @@ PATCH_CONTEXT_NORMS = ("auto", True, False)
 @register("mgca")
 class MGCA(Method):
     objective_names = ("instance", "token", "prototype")
+    model_options: ClassVar[dict[str, Any]] = MODEL_OPTIONS  # a subclass (MLIP) adds its own
 
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         super().__init__(config, tokenizer, for_inference=for_inference)
         model = config.model
-        options = check_options("mgca model.options", model.options, MODEL_OPTIONS, HEAD_OPTIONS)
+        options = check_options(f"{config.method} model.options", model.options, self.model_options, HEAD_OPTIONS)
+        self.options = options
         if options["word_weights"] not in WORD_WEIGHTS:
             raise ConfigError(
                 f"mgca model.options.word_weights must be one of {', '.join(WORD_WEIGHTS)}, "
@@ -105,12 +107,15 @@ class MGCA(Method):
         self.contrast = build_infonce(objectives.get("instance", {"temperature": 0.07}))
         token = check_options("mgca objectives.token", objectives.get("token", {}), {"temperature": 0.1}, ("weight",))
         self.token_temperature = float(token["temperature"])
-        proto = {k: v for k, v in objectives.get("prototype", {}).items() if k != "weight"}
+        self.prototype = self.build_prototype(dict(objectives.get("prototype", {})))
+        self.setup_ema()  # MLIP's divergence encoder copies modules built above
+
+    def build_prototype(self, spec: dict[str, Any]) -> PrototypeLoss:
+        proto = {k: v for k, v in spec.items() if k != "weight"}
         try:
-            self.prototype = PrototypeLoss(model.embed_dim, **proto)
+            return PrototypeLoss(self.config.model.embed_dim, **proto)
         except TypeError as err:
             raise ConfigError(f"objectives.prototype: {err}") from err
-        self.setup_ema()
 
     def _text(self, text: dict[str, torch.Tensor], cls_attention: bool = False) -> TextOutput:
         return self.text_encoder(
@@ -137,12 +142,14 @@ class MGCA(Method):
             return None
         return segment_sum(text.cls_attention.detach(), text.token_word, text.words.shape[1])
 
-    def token_loss(self, image: ImageOutput, text: TextOutput) -> torch.Tensor:
-        """MGCA's token level: words weighted by :meth:`word_weights` (clipped by the loss), patches by the ViT's."""
+    def token_loss(self, image: ImageOutput, text: TextOutput, words: torch.Tensor | None = None) -> torch.Tensor:
+        """MGCA's token level: words weighted by :meth:`word_weights` (clipped by the loss), patches by the ViT's;
+        ``words``: the projected words to align instead of ``text_local_head(text.words)`` (MLIP's
+        knowledge-enhanced ones)."""
         return mgca_token_loss(
             self.image_local_head(image.local),
             image.local_mask,
-            self.text_local_head(text.words),
+            self.text_local_head(text.words) if words is None else words,
             text.word_mask,
             word_weights=self.word_weights(text),
             # ViT [CLS] -> patch attention; None (uniform) for CNNs

@@ -21,7 +21,7 @@ def register(*names: str):
 
 
 # modules under radalign.methods that register methods on import
-BUILTIN_METHODS = ("clip", "gloria", "lovt", "mgca", "prior", "umcl")
+BUILTIN_METHODS = ("clip", "gloria", "lovt", "mgca", "mlip", "prior", "umcl")
 
 
 def build_method(config: PretrainConfig, tokenizer: Any = None, *, for_inference: bool = False) -> Method:

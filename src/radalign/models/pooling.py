@@ -17,6 +17,15 @@ from torch import Tensor, nn
 from radalign.errors import ConfigError
 
 
+def masked_mean(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """Mean over ``dim`` of the positions where ``mask`` is True; 0, still connected to the graph, where none is.
+
+    where() rather than a product, so a masked value (even NaN or inf from a padded row) never reaches the sum.
+    """
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum(dim) / mask.sum(dim).clamp_min(1).to(values.dtype)
+
+
 def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor:
     """Softmax that gives masked entries exactly zero weight, and an all-masked row all zeros (never NaN).
 

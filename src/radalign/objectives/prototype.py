@@ -81,12 +81,26 @@ class PrototypeLoss(nn.Module):
         """Re-normalise the prototypes to unit length in place (MGCA does this before every step)."""
         self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
 
+    @torch.no_grad()
+    def set_prototypes_(self, vectors: Tensor) -> None:
+        """Start the prototypes at ``vectors`` (K, D), normalised (MLIP: the findings' knowledge embeddings)."""
+        if vectors.shape != self.prototypes.shape:
+            raise ConfigError(
+                f"PrototypeLoss: {tuple(vectors.shape)} vectors given for {tuple(self.prototypes.shape)} prototypes"
+            )
+        self.prototypes.copy_(F.normalize(vectors.to(self.prototypes), dim=1))
+
     def scores(self, embeddings: Tensor) -> Tensor:
         """(B, D) -> (B, K) cosine-style scores <normalised embedding, prototype>."""
         return F.normalize(embeddings, dim=-1) @ self.prototypes.to(embeddings.dtype).T
 
-    def forward(self, image: Tensor, text: Tensor) -> Tensor:
-        """image, text (B, D) global embeddings -> scalar swapped-prediction loss (codes carry no gradient)."""
+    def forward(self, image: Tensor, text: Tensor, codes: Tensor | None = None) -> Tensor:
+        """image, text (B, D) global embeddings -> scalar swapped-prediction loss (codes carry no gradient).
+
+        ``codes`` (B, K), rows summing to 1 or NaN: a fixed assignment for the rows that have one (MLIP's
+        label-guided category level: a sample's findings), used as the target of both modalities instead of the
+        Sinkhorn codes; NaN rows keep Sinkhorn's.
+        """
         if image.ndim != 2 or image.shape != text.shape or image.shape[1] != self.prototypes.shape[1]:
             raise ConfigError(
                 f"PrototypeLoss: image {tuple(image.shape)} / text {tuple(text.shape)} must be (B, "
@@ -100,6 +114,12 @@ class PrototypeLoss(nn.Module):
             txt_scores = self.scores(text.to(dtype))
             q_img = sinkhorn_knopp(img_scores, self.epsilon, self.iterations)  # no_grad inside
             q_txt = sinkhorn_knopp(txt_scores, self.epsilon, self.iterations)
+            if codes is not None:
+                if codes.shape != q_img.shape:
+                    raise ConfigError(f"PrototypeLoss: codes {tuple(codes.shape)} must be {tuple(q_img.shape)}")
+                fixed = ~codes.isnan().any(dim=1, keepdim=True)
+                codes = codes.detach().to(q_img.dtype).nan_to_num(0.0)
+                q_img, q_txt = torch.where(fixed, codes, q_img), torch.where(fixed, codes, q_txt)
             i2t = -(q_img * (txt_scores / self.tau).log_softmax(dim=1)).sum(dim=1).mean()
             t2i = -(q_txt * (img_scores / self.tau).log_softmax(dim=1)).sum(dim=1).mean()
             return (i2t + t2i) / 2

@@ -56,6 +56,7 @@ class PretrainModule(L.LightningModule):
         are each given to the method, and each objective's losses on them are summed into the step's."""
         # The method sees the weights in force, so it can skip objectives that are off (PRIOR's stage 3 decoders).
         self.method.stage_weights = self.config.weights_at(self.global_step, self.current_epoch)
+        self.method.step = int(self.global_step)
         parts = [part for part in batch.get("parts", [batch]) if part["batch_size"] > 0]
         losses: dict[str, torch.Tensor] = {}
         for part in parts:

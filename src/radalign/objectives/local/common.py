@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# The project's one masked softmax (masked entries exactly 0, an all-masked slice all zeros, never NaN), shared
-# with the attention pools; re-exported here for the local objectives.
-from radalign.models.pooling import masked_softmax
+# The project's one masked softmax (masked entries exactly 0, an all-masked slice all zeros, never NaN) and masked
+# mean, shared with the attention pools and the fusion blocks; re-exported here for the local objectives.
+from radalign.models.pooling import masked_mean, masked_softmax
 
 __all__ = ["NEG", "grid_positions", "masked_fill_logits", "masked_mean", "masked_softmax", "normalised_grid_distances"]
 
@@ -17,15 +17,6 @@ NEG = -1e4  # a large negative logit that stays finite in half precision (no NaN
 def masked_fill_logits(logits: Tensor, mask: Tensor) -> Tensor:
     """``logits`` with positions where ``mask`` (broadcastable, True = keep) is False set to a large negative."""
     return logits.masked_fill(~mask, NEG)
-
-
-def masked_mean(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
-    """Mean over ``dim`` of the positions where ``mask`` is True; 0, still connected to the graph, where none is.
-
-    where() rather than a product, so a masked value (even NaN or inf from a padded row) never reaches the sum.
-    """
-    mask = mask.bool()
-    return torch.where(mask, values, 0.0).sum(dim) / mask.sum(dim).clamp_min(1).to(values.dtype)
 
 
 def grid_positions(grid_shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
