@@ -226,10 +226,9 @@ def test_off_objectives_are_skipped_and_never_on_ones_build_nothing(mlip_batch):
     method = _build(config, tokenizer)
     method.stage_weights, method.step = config.weights_at(0, 0), 0  # the category level joins at step 100
     assert "prototype" not in method.losses(batch)
-    ablated = load_config(find_config("mlip-tiny"), {**{k: v for k, v in _small(config).items()},
-                                                      "objectives.itm.weight": 0.0, "stages": [],
-                                                      "objectives.divergent.weight": 0.0,
-                                                      "objectives.consistency.weight": 0.0, "ema.modules": []})  # fmt: skip
+    off = {"objectives.itm.weight": 0.0, "stages": [], "objectives.divergent.weight": 0.0,
+           "objectives.consistency.weight": 0.0, "ema.modules": []}  # fmt: skip
+    ablated = load_config(find_config("mlip-tiny"), {**_small(config), **off})
     method = _build(ablated, tokenizer)
     assert method.matching is None and method.prototype is None and method.ema is None
     assert set(method.losses(batch)) == {"instance", "token"}
@@ -311,7 +310,7 @@ def test_divergent_views_follow_the_seed_and_step(mlip_batch):
 
 def test_bad_settings_are_refused_with_the_fix(mlip_batch):
     config, tokenizer, _ = mlip_batch
-    with pytest.raises(ConfigError, match="ema.modules"):
+    with pytest.raises(ConfigError, match=r"ema\.modules"):
         _build(load_config(find_config("mlip-tiny"), {**_small(config), "ema.modules": []}), tokenizer)
     with pytest.raises(ConfigError, match="n_prototypes is the number of knowledge entries"):
         _build(load_config(find_config("mlip-tiny"), {**_small(config), "objectives.prototype.n_prototypes": 9}),
@@ -331,7 +330,9 @@ def test_label_assignment_uses_the_findings_of_labelled_samples(mlip_batch):
     findings = method.knowledge.findings
     vocabulary = list(batch["vocabulary"])
     for i in range(codes.shape[0]):
-        positive = [c for c, f in enumerate(findings) if f in vocabulary and batch["labels"][i, vocabulary.index(f)] == 1]
+        positive = [
+            c for c, f in enumerate(findings) if f in vocabulary and batch["labels"][i, vocabulary.index(f)] == 1
+        ]
         if positive:
             assert codes[i].sum() == pytest.approx(1.0) and set(codes[i].nonzero().squeeze(1).tolist()) == set(positive)
         else:

@@ -13,7 +13,9 @@ from torch import Tensor
 from radalign.errors import ConfigError
 
 
-def mask_tokens(input_ids: Tensor, token_word: Tensor, mask_token_id: int, ratio: float, generator: torch.Generator) -> Tensor:
+def mask_tokens(
+    input_ids: Tensor, token_word: Tensor, mask_token_id: int, ratio: float, generator: torch.Generator
+) -> Tensor:
     """A copy of (B, T) ``input_ids`` with each word piece (``token_word >= 0``: never [CLS], [SEP] or padding)
     replaced by ``mask_token_id`` with probability ``ratio``."""
     if not 0.0 <= ratio < 1.0:

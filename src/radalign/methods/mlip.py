@@ -109,9 +109,9 @@ class MLIP(mgca.MGCA):
         itm = check_options("mlip objectives.itm", objectives.get("itm", {}), ITM, ("weight",))
         self.swap_negatives = bool(itm["swap_negatives"])
         self.matching = MatchingHead(dim, heads) if ever("itm") else None
-        if self.uses_divergence and self.view_mask_ratio > 0 and not for_inference:
-            if getattr(tokenizer, "mask_token_id", None) is None:
-                raise ConfigError("mlip: view_mask_ratio > 0 needs a tokenizer with a [MASK] token; set it to 0")
+        masking = self.uses_divergence and self.view_mask_ratio > 0 and not for_inference
+        if masking and getattr(tokenizer, "mask_token_id", None) is None:
+            raise ConfigError("mlip: view_mask_ratio > 0 needs a tokenizer with a [MASK] token; set it to 0")
 
     # -- knowledge --------------------------------------------------------------------------------------------
     @property
@@ -120,7 +120,9 @@ class MLIP(mgca.MGCA):
             from radalign.data.knowledge import KnowledgeBase
 
             options = self.options
-            self._knowledge_base = KnowledgeBase.from_yaml(options["knowledge"], extend=bool(options["knowledge_extend"]))
+            self._knowledge_base = KnowledgeBase.from_yaml(
+                options["knowledge"], extend=bool(options["knowledge_extend"])
+            )
         return self._knowledge_base
 
     def knowledge_texts(self) -> tuple[list[str], list[int]]:
@@ -289,7 +291,7 @@ class MLIP(mgca.MGCA):
             if on("divergent"):
                 losses["divergent"] = self.divergent_contrast(image_global, divergent)
             if on("consistency"):
-                alpha = ramped_alpha(self.alpha, self.step or 0, self.ramp_steps) if self.step is not None else self.alpha
+                alpha = self.alpha if self.step is None else ramped_alpha(self.alpha, self.step, self.ramp_steps)
                 image_m = self.momentum_images(batch["image"], image_global)
                 losses["consistency"] = momentum_distillation_loss(
                     image_global, text_global, image_m, divergent, alpha, self.consistency_temperature

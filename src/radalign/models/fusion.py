@@ -18,7 +18,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
-            raise ConfigError(f"cross-attention: dim {dim} is not divisible by heads {heads}; choose heads that divide it")
+            raise ConfigError(
+                f"cross-attention: dim {dim} is not divisible by heads {heads}; choose heads that divide it"
+            )
         self.norm = nn.LayerNorm(dim)
         self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
 
