@@ -163,6 +163,12 @@ def test_sentence_shuffle_permutes_whole_sentences_and_keeps_special_tokens():
         assert sorted(parsed) == sorted(spans)
         seen.add(tuple(parsed))
     assert len(seen) > 1
+    # a batch: each report is shuffled within itself, padding and specials untouched
+    ids2 = torch.tensor([[101, 1, 2, 3, 4, 5, 6, 102, 0], [101, 7, 8, 9, 102, 0, 0, 0, 0]])
+    sentence2 = torch.tensor([[-1, 0, 0, 1, 2, 2, 2, -1, -1], [-1, 0, 1, 1, -1, -1, -1, -1, -1]])
+    out2 = shuffle_sentences(ids2, sentence2, torch.Generator().manual_seed(5))
+    assert out2[1].tolist() in ([101, 7, 8, 9, 102, 0, 0, 0, 0], [101, 8, 9, 7, 102, 0, 0, 0, 0])
+    assert sorted(out2[0, 1:7].tolist()) == [1, 2, 3, 4, 5, 6] and out2[0, 7:].tolist() == [102, 0]
 
 
 def test_sentence_swap_replaces_one_sentence_with_a_different_one_of_another_report():

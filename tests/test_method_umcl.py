@@ -70,7 +70,7 @@ def test_soft_targets_are_the_softmax_of_label_dot_products():
 
 
 def _batch(umcl, labels, vocabulary, texts=None):
-    tokens = umcl._tokenize(texts or [f"report {i}." for i in range(len(labels))])
+    tokens = umcl.tokenize(texts or [f"report {i}." for i in range(len(labels))])
     torch.manual_seed(1)
     return {"image": torch.randn(len(labels), 1, 64, 64), "labels": torch.tensor(labels, dtype=torch.float32),
             "vocabulary": tuple(vocabulary), "has_report": torch.ones(len(labels), dtype=torch.bool),
@@ -146,7 +146,7 @@ def test_a_label_only_sample_gets_a_text_from_its_labels(umcl):
 
 def test_the_prompt_learner_starts_exactly_at_its_template(umcl):
     learned = umcl.encode_learned_prompts(["pleural effusion", "no pneumothorax"])
-    written = umcl.encode_texts(umcl._tokenize(["findings consistent with pleural effusion",
+    written = umcl.encode_texts(umcl.tokenize(["findings consistent with pleural effusion",
                                                 "findings consistent with no pneumothorax"]))  # fmt: skip
     assert torch.equal(learned, written)
     assert umcl.prompt_learner.n_ctx == 3  # the template's tokens

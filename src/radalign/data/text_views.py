@@ -28,20 +28,21 @@ def mask_tokens(
 def shuffle_sentences(input_ids: Tensor, token_sentence: Tensor, generator: torch.Generator) -> Tensor:
     """A copy of (B, T) ``input_ids`` whose sentences (token spans with one ``token_sentence`` id) are in a random
     order per report; tokens outside every sentence ([CLS], [SEP], padding) stay where they are, so the attention
-    mask is unchanged."""
-    out = input_ids.clone()
-    for row in range(input_ids.shape[0]):
-        ids = token_sentence[row]
-        positions = (ids >= 0).nonzero().squeeze(1)
-        if positions.numel() == 0:
-            continue
-        sentence_ids = torch.unique_consecutive(ids[positions])
-        if sentence_ids.numel() < 2:
-            continue
-        order = sentence_ids[torch.randperm(sentence_ids.numel(), generator=generator)]
-        spans = [positions[ids[positions] == s] for s in order.tolist()]
-        out[row, positions] = torch.cat([input_ids[row, span] for span in spans])
-    return out
+    mask is unchanged.
+
+    One batched sort, no loop over reports: each sentence draws a random key; the sentence tokens, stably sorted by
+    their sentence's key (so a sentence keeps its inner order), refill the positions sentence tokens held.
+    """
+    b, t = input_ids.shape
+    inside = token_sentence >= 0
+    n_keys = int(token_sentence.max().clamp_min(0)) + 1
+    keys = torch.rand(b, n_keys, generator=generator).to(input_ids.device)
+    positions = torch.arange(t, device=input_ids.device).expand(b, t)
+    # outside tokens sort last, in position order (keys are < 1): the same order in both sorts, so they stay put
+    token_key = torch.where(inside, keys.gather(1, token_sentence.clamp_min(0)), 2.0 + positions / t)
+    tokens = token_key.sort(dim=1, stable=True).indices
+    slots = (~inside).to(torch.int8).sort(dim=1, stable=True).indices
+    return input_ids.scatter(1, slots, input_ids.gather(1, tokens))
 
 
 def swap_sentences(reports: list[list[str]], generator: torch.Generator) -> tuple[list[str], list[bool]]:

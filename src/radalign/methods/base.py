@@ -35,6 +35,7 @@ class Method(nn.Module):
         super().__init__()
         self.for_inference = for_inference
         self.config = config
+        self.tokenizer = tokenizer  # for methods that write texts of their own (prompts, knowledge, swapped reports)
         unknown = sorted(set(config.objectives) - set(self.objective_names))
         if unknown:
             raise ConfigError(
@@ -95,6 +96,19 @@ class Method(nn.Module):
         """(B, ...) images x (P,) tokenised texts -> (B, P) local image-text scores, or None for global-only
         methods. Zero-shot adds ``local_weight`` x this to the global similarity (GLoRIA, PRIOR)."""
         return None
+
+    def tokenize(
+        self, texts: list[str], *, sentences: bool = False, purpose: str = "write texts"
+    ) -> dict[str, torch.Tensor]:
+        """Free texts -> the batch's text tensors (``TEXT_KEYS``) on the model's device, tokenised as training
+        tokenises reports (``sentences``: split into sentences first)."""
+        from radalign.data.dataset import tokenize_texts
+
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.config.method}: needs the tokenizer to {purpose} (set loader.tokenizer)")
+        batch = tokenize_texts(self.tokenizer, texts, self.config.loader.max_length, sentences=sentences)
+        device = next(self.parameters()).device
+        return {k: batch[k].to(device) for k in TEXT_KEYS}
 
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging besides the losses (e.g. a learnable temperature)."""

@@ -142,12 +142,18 @@ class MGCA(Method):
             return None
         return segment_sum(text.cls_attention.detach(), text.token_word, text.words.shape[1])
 
-    def token_loss(self, image: ImageOutput, text: TextOutput, words: torch.Tensor | None = None) -> torch.Tensor:
+    def token_loss(
+        self,
+        image: ImageOutput,
+        text: TextOutput,
+        words: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """MGCA's token level: words weighted by :meth:`word_weights` (clipped by the loss), patches by the ViT's;
-        ``words``: the projected words to align instead of ``text_local_head(text.words)`` (MLIP's
-        knowledge-enhanced ones)."""
+        ``words`` / ``patches``: projected locals already computed (MLIP's knowledge-enhanced words), instead of
+        ``text_local_head(text.words)`` / ``image_local_head(image.local)``."""
         return mgca_token_loss(
-            self.image_local_head(image.local),
+            self.image_local_head(image.local) if patches is None else patches,
             image.local_mask,
             self.text_local_head(text.words) if words is None else words,
             text.word_mask,

@@ -73,7 +73,6 @@ class MLIP(mgca.MGCA):
     def __init__(self, config: Any, tokenizer: Any = None, *, for_inference: bool = False) -> None:
         self._knowledge_base: Any = None
         super().__init__(config, tokenizer, for_inference=for_inference)
-        self.tokenizer = tokenizer
         options, objectives, dim = self.options, config.objectives, config.model.embed_dim
         heads = int(options["attention_heads"])
         self.refresh_every = int(options["knowledge_refresh_every"])
@@ -166,19 +165,12 @@ class MLIP(mgca.MGCA):
 
     @torch.no_grad()
     def refresh_knowledge(self) -> None:
-        if self._knowledge_tokens is None:
-            from radalign.data.dataset import tokenize_texts
-
-            if self.tokenizer is None:
-                raise ConfigError("mlip: needs the tokenizer to encode its knowledge (set loader.tokenizer)")
-            texts, _ = self.knowledge_texts()
-            tokens = tokenize_texts(self.tokenizer, texts, self.config.loader.max_length, sentences=False)
-            self._knowledge_tokens = {k: tokens[k] for k in ("input_ids", "attention_mask")}
-        device = self.knowledge_features.device
+        if self._knowledge_tokens is None:  # tokenised once; the encoder that reads them changes
+            self._knowledge_tokens = self.tokenize(self.knowledge_texts()[0], purpose="encode its knowledge")
         was_training = self.text_encoder.training
         self.text_encoder.eval()  # K is a description of the findings, not a noisy view of them
         try:
-            tokens = {k: v.to(device) for k, v in self._knowledge_tokens.items()}
+            tokens = {k: v.to(self.knowledge_features.device) for k, v in self._knowledge_tokens.items()}
             features = self.text_encoder(tokens["input_ids"], tokens["attention_mask"]).global_emb
         finally:
             self.text_encoder.train(was_training)
@@ -231,10 +223,11 @@ class MLIP(mgca.MGCA):
             return F.normalize(self.ema["image_head"](self.ema["image_encoder"](images).global_emb), dim=-1)
         return image_global.detach()
 
-    def matching_loss(self, batch: dict[str, Any], image: ImageOutput, text: TextOutput, sim: Tensor) -> Tensor:
-        """Cross-entropy of the matching head over positives, hard negatives and sentence-swapped negatives."""
-        patches = self.image_local_head(image.local)
-        words = self.text_local_head(text.words)
+    def matching_loss(
+        self, batch: dict[str, Any], image: ImageOutput, text: TextOutput, patches: Tensor, words: Tensor, sim: Tensor
+    ) -> Tensor:
+        """Cross-entropy of the matching head over positives, hard negatives and sentence-swapped negatives;
+        ``patches`` / ``words``: the batch's projected locals (the token level's, computed once)."""
         b = patches.shape[0]
         generator = self.generator(salt=2)
         texts_for_images, images_for_texts = hard_negatives(sim, generator)
@@ -247,19 +240,12 @@ class MLIP(mgca.MGCA):
             swapped, done = swap_sentences(list(batch["sentences"]), generator)
             rows = torch.tensor([i for i, d in enumerate(done) if d], dtype=torch.long, device=patches.device)
             if rows.numel():
-                encoded = self._tokenize([swapped[i] for i in rows.tolist()])
+                encoded = self.tokenize([swapped[i] for i in rows.tolist()], sentences=True)
                 other = self._text(encoded)
                 logits.append(self.matching(self.text_local_head(other.words), other.word_mask, patches[rows],
                                             image.local_mask[rows]))  # fmt: skip
                 targets.append(torch.zeros(rows.numel(), dtype=torch.long, device=patches.device))
         return F.cross_entropy(torch.cat(logits).float(), torch.cat(targets))
-
-    def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        from radalign.data.dataset import tokenize_texts
-
-        batch = tokenize_texts(self.tokenizer, texts, self.config.loader.max_length, sentences=True)
-        device = self.knowledge_features.device
-        return {k: v.to(device) for k, v in batch.items() if k != "n_sentences"}
 
     def label_codes(self, batch: dict[str, Any], like: Tensor) -> Tensor | None:
         """(B, C) fixed prototype assignments from the batch's labels (``assign: labels``): uniform over a
@@ -300,16 +286,18 @@ class MLIP(mgca.MGCA):
             self.prototype is not None and on("prototype") and not bool(self.prototypes_ready)
         )
         knowledge = self.knowledge_embeddings() if needs_knowledge else None
+        patches = self.image_local_head(image.local) if on("token") or self.matching is not None else None
+        words = self.text_local_head(text.words) if patches is not None else None
         if on("token"):
-            words = None
+            enhanced = words
             if self.knowledge_attention is not None:
-                words = self.knowledge_attention(self.text_local_head(text.words), self.text_local_head(knowledge))
-            losses["token"] = self.token_loss(image, text, words)
+                enhanced = self.knowledge_attention(words, self.text_local_head(knowledge))
+            losses["token"] = self.token_loss(image, text, enhanced, patches)
         if self.prototype is not None and on("prototype"):
             if not bool(self.prototypes_ready):
                 self.start_prototypes(knowledge)
             losses["prototype"] = self.prototype(image_global, text_global, self.label_codes(batch, image_global))
         if self.matching is not None and on("itm"):
             sim = image_global.detach() @ text_global.detach().T
-            losses["itm"] = self.matching_loss(batch, image, text, sim)
+            losses["itm"] = self.matching_loss(batch, image, text, patches, words, sim)
         return losses

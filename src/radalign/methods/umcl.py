@@ -63,7 +63,6 @@ class UMCL(CLIP):
         options = check_options("umcl model.options", config.model.options, MODEL_OPTIONS)
         self.options = _checked(options)
         super().__init__(config, tokenizer, for_inference=for_inference)
-        self.tokenizer = tokenizer
         self.classes = list(self.options["classes"])
         self.prompt_learner = None
         if self.options["prompts"] == "learned":
@@ -152,7 +151,7 @@ class UMCL(CLIP):
         templates = self.options["templates"]
         picks = torch.randint(len(templates), (len(texts),)).tolist()  # the run's seeded, checkpointed generator
         written = [templates[k].format(findings=t) for k, t in zip(picks, texts, strict=True)]
-        return self.encode_texts(self._tokenize([w[0].upper() + w[1:] for w in written]))
+        return self.encode_texts(self.tokenize([w[0].upper() + w[1:] for w in written], purpose="write prompts"))
 
     def encode_learned_prompts(self, texts: list[str], findings: list[list[str]] | None = None) -> torch.Tensor:
         """Class texts ("pleural effusion", "no pneumothorax") through the learned context -> (N, D) normalised;
@@ -167,15 +166,6 @@ class UMCL(CLIP):
 
     def _named(self, text: str) -> list[str]:
         return [c for c in self.classes if re.search(rf"\b{re.escape(c.replace('_', ' '))}\b", text.lower())]
-
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        from radalign.data.dataset import tokenize_texts
-
-        if self.tokenizer is None:
-            raise ConfigError("umcl: needs the tokenizer to write prompts (set loader.tokenizer)")
-        batch = tokenize_texts(self.tokenizer, texts, self.config.loader.max_length, sentences=False)
-        device = self.text_head.parameters().__next__().device
-        return {k: v.to(device) for k, v in batch.items() if k != "n_sentences"}
 
     # -- the loss ---------------------------------------------------------------------------------------------
     def batch_texts(self, batch: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
