@@ -260,7 +260,7 @@ def pretrain(
             checkpoints moved to OUT/checkpoints/superseded/).
         allow_config_change: Resume even though the config or the manifest's content differs from the run's
             (refused otherwise: the run would mix two settings under one name).
-        method: Registered method name (clip, convirt, gloria, mgca, lovt, prior, umcl).
+        method: Registered method name (clip, convirt, gloria, mgca, lovt, prior, umcl, mlip).
         model: Encoders, projection and embedding size.
         objectives: Per-objective settings and weights, e.g. {global: {weight: 1.0, temperature: 0.07}}.
         stages: Stage schedule: objective weights from a step, an epoch or a fraction of max_steps, with an
